@@ -1,0 +1,279 @@
+/*
+ * Innermost loops of the fastbn kernels, one function per (operation, layout, dtype).
+ *
+ * The Cython kernels (_kernels.pyx) own the partition of the work, the threads and the merging
+ * of partial results; these functions only stream over one contiguous span (NCHW-style, a single
+ * channel) or over a block of rows (channels-last, one accumulator lane per channel position).
+ * They never allocate, never fail and never touch Python.
+ *
+ * Why C and not Cython for these loops: reductions need several independent accumulators and
+ * `omp simd` to vectorise without -ffast-math, and GCC's target_clones lets a portable build
+ * (no -march=native) still run AVX2/AVX-512 code on CPUs that have it, chosen once at load time.
+ * The result depends on the clone (FMA contraction), never on the thread count.
+ *
+ * Precision: statistics and gradient sums accumulate in double whatever the input dtype, and
+ * subtract a shift (a sample of the channel, or the mean) before squaring, so that a mean much
+ * larger than the standard deviation costs no accuracy (never E[x^2] - E[x]^2).
+ */
+#ifndef FASTBN_SIMD_H
+#define FASTBN_SIMD_H
+
+#include <stddef.h>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) \
+    && !defined(__AVX2__) && !defined(FASTBN_NO_CLONES)
+#define FBN_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define FBN_CLONES
+#endif
+
+#if defined(_MSC_VER)
+#define FBN_RESTRICT __restrict
+#else
+#define FBN_RESTRICT __restrict__
+#endif
+
+#if defined(_OPENMP) || defined(__clang__) || defined(__GNUC__)
+#define FBN_PRAGMA(x) _Pragma(#x)
+#define FBN_SIMD FBN_PRAGMA(omp simd)
+#else
+#define FBN_SIMD
+#endif
+
+/* Lanes of the span reductions: 16 doubles are 4 AVX2 or 2 AVX-512 registers per accumulator,
+ * enough independent chains to hide the add latency without spilling. */
+#define FBN_LANES 16
+
+/* ReLU mask of the fused-activation backward: the gradient passes where the forward output
+ * was positive, as torch.nn.functional.relu's backward does. */
+#define FBN_MASK(dy, y) ((y) > 0 ? (double)(dy) : 0.0)
+
+#define FBN_DEFINE(T)                                                                              \
+                                                                                                   \
+/* s1 += sum(x - k), s2 += sum((x - k)^2) over x[0:n].                                             \
+ * IN x, n, k; INOUT s1, s2 */                                                                     \
+static FBN_CLONES void fbn_sums_##T(const T *FBN_RESTRICT x, ptrdiff_t n, double k,               \
+                                   double *s1, double *s2)                                         \
+{                                                                                                  \
+    double a1[FBN_LANES] = {0}, a2[FBN_LANES] = {0};                                               \
+    ptrdiff_t i = 0;                                                                               \
+    for (; i + FBN_LANES <= n; i += FBN_LANES) {                                                   \
+        FBN_SIMD                                                                                   \
+        for (int j = 0; j < FBN_LANES; j++) {                                                      \
+            double d = (double)x[i + j] - k;                                                       \
+            a1[j] += d;                                                                            \
+            a2[j] += d * d;                                                                        \
+        }                                                                                          \
+    }                                                                                              \
+    for (int j = 0; i < n; i++, j++) {                                                             \
+        double d = (double)x[i] - k;                                                               \
+        a1[j] += d;                                                                                \
+        a2[j] += d * d;                                                                            \
+    }                                                                                              \
+    double t1 = 0.0, t2 = 0.0;                                                                     \
+    for (int j = 0; j < FBN_LANES; j++) {                                                          \
+        t1 += a1[j];                                                                               \
+        t2 += a2[j];                                                                               \
+    }                                                                                              \
+    *s1 += t1;                                                                                     \
+    *s2 += t2;                                                                                     \
+}                                                                                                  \
+                                                                                                   \
+/* Rows of a channels-last block: a1[j] += x[r, j] - k[j], a2[j] += (x[r, j] - k[j])^2.            \
+ * IN x (nrows rows of `width` values, `stride` apart), k[width]; INOUT a1[width], a2[width] */    \
+static FBN_CLONES void fbn_sums_rows_##T(const T *FBN_RESTRICT x, ptrdiff_t nrows,                \
+                                        ptrdiff_t stride, ptrdiff_t width,                         \
+                                        const double *FBN_RESTRICT k,                              \
+                                        double *FBN_RESTRICT a1, double *FBN_RESTRICT a2)          \
+{                                                                                                  \
+    for (ptrdiff_t r = 0; r < nrows; r++) {                                                        \
+        const T *xr = x + r * stride;                                                              \
+        FBN_SIMD                                                                                   \
+        for (ptrdiff_t j = 0; j < width; j++) {                                                    \
+            double d = (double)xr[j] - k[j];                                                       \
+            a1[j] += d;                                                                            \
+            a2[j] += d * d;                                                                        \
+        }                                                                                          \
+    }                                                                                              \
+}                                                                                                  \
+                                                                                                   \
+/* y = ((x - mhi) - mlo) * a + b, then ReLU if relu. The mean is split into a T-precision head     \
+ * and tail so that x - mean keeps its digits when |mean| >> std (x - mhi is exact there).         \
+ * IN x, n, mhi, mlo, a, b, relu; OUT y (may alias x) */                                           \
+static FBN_CLONES void fbn_norm_##T(const T *x, T *y, ptrdiff_t n, T mhi, T mlo, T a, T b,        \
+                                   int relu)                                                       \
+{                                                                                                  \
+    if (relu) {                                                                                    \
+        FBN_SIMD                                                                                   \
+        for (ptrdiff_t i = 0; i < n; i++) {                                                        \
+            T v = ((x[i] - mhi) - mlo) * a + b;                                                    \
+            y[i] = v > 0 ? v : (T)0;                                                               \
+        }                                                                                          \
+    } else {                                                                                       \
+        FBN_SIMD                                                                                   \
+        for (ptrdiff_t i = 0; i < n; i++)                                                          \
+            y[i] = ((x[i] - mhi) - mlo) * a + b;                                                   \
+    }                                                                                              \
+}                                                                                                  \
+                                                                                                   \
+/* Rows of a channels-last block, per-lane parameters (see fbn_norm).                              \
+ * IN x, mhi/mlo/a/b[width]; OUT y (may alias x) */                                                \
+static FBN_CLONES void fbn_norm_rows_##T(const T *x, T *y, ptrdiff_t nrows, ptrdiff_t stride,     \
+                                        ptrdiff_t width, const T *FBN_RESTRICT mhi,                \
+                                        const T *FBN_RESTRICT mlo, const T *FBN_RESTRICT a,        \
+                                        const T *FBN_RESTRICT b, int relu)                         \
+{                                                                                                  \
+    for (ptrdiff_t r = 0; r < nrows; r++) {                                                        \
+        const T *xr = x + r * stride;                                                              \
+        T *yr = y + r * stride;                                                                    \
+        if (relu) {                                                                                \
+            FBN_SIMD                                                                               \
+            for (ptrdiff_t j = 0; j < width; j++) {                                                \
+                T v = ((xr[j] - mhi[j]) - mlo[j]) * a[j] + b[j];                                   \
+                yr[j] = v > 0 ? v : (T)0;                                                          \
+            }                                                                                      \
+        } else {                                                                                   \
+            FBN_SIMD                                                                               \
+            for (ptrdiff_t j = 0; j < width; j++)                                                  \
+                yr[j] = ((xr[j] - mhi[j]) - mlo[j]) * a[j] + b[j];                                 \
+        }                                                                                          \
+    }                                                                                              \
+}                                                                                                  \
+                                                                                                   \
+/* s1 += sum(g), s2 += sum(g * (x - mean)) with g = dy, or dy masked by y > 0 when y != NULL.      \
+ * IN dy, x, y (or NULL), n, mean; INOUT s1, s2 */                                                 \
+static FBN_CLONES void fbn_bwd_sums_##T(const T *FBN_RESTRICT dy, const T *FBN_RESTRICT x,        \
+                                       const T *FBN_RESTRICT y, ptrdiff_t n, double mean,          \
+                                       double *s1, double *s2)                                     \
+{                                                                                                  \
+    double a1[FBN_LANES] = {0}, a2[FBN_LANES] = {0};                                               \
+    ptrdiff_t i = 0;                                                                               \
+    if (y) {                                                                                       \
+        for (; i + FBN_LANES <= n; i += FBN_LANES) {                                               \
+            FBN_SIMD                                                                               \
+            for (int j = 0; j < FBN_LANES; j++) {                                                  \
+                double g = FBN_MASK(dy[i + j], y[i + j]);                                          \
+                a1[j] += g;                                                                        \
+                a2[j] += g * ((double)x[i + j] - mean);                                            \
+            }                                                                                      \
+        }                                                                                          \
+        for (int j = 0; i < n; i++, j++) {                                                         \
+            double g = FBN_MASK(dy[i], y[i]);                                                      \
+            a1[j] += g;                                                                            \
+            a2[j] += g * ((double)x[i] - mean);                                                    \
+        }                                                                                          \
+    } else {                                                                                       \
+        for (; i + FBN_LANES <= n; i += FBN_LANES) {                                               \
+            FBN_SIMD                                                                               \
+            for (int j = 0; j < FBN_LANES; j++) {                                                  \
+                double g = (double)dy[i + j];                                                      \
+                a1[j] += g;                                                                        \
+                a2[j] += g * ((double)x[i + j] - mean);                                            \
+            }                                                                                      \
+        }                                                                                          \
+        for (int j = 0; i < n; i++, j++) {                                                         \
+            double g = (double)dy[i];                                                              \
+            a1[j] += g;                                                                            \
+            a2[j] += g * ((double)x[i] - mean);                                                    \
+        }                                                                                          \
+    }                                                                                              \
+    double t1 = 0.0, t2 = 0.0;                                                                     \
+    for (int j = 0; j < FBN_LANES; j++) {                                                          \
+        t1 += a1[j];                                                                               \
+        t2 += a2[j];                                                                               \
+    }                                                                                              \
+    *s1 += t1;                                                                                     \
+    *s2 += t2;                                                                                     \
+}                                                                                                  \
+                                                                                                   \
+/* Rows of a channels-last block (see fbn_bwd_sums), per-lane mean.                                \
+ * IN dy, x, y (or NULL), mean[width]; INOUT a1[width], a2[width] */                               \
+static FBN_CLONES void fbn_bwd_sums_rows_##T(const T *FBN_RESTRICT dy, const T *FBN_RESTRICT x,   \
+                                            const T *FBN_RESTRICT y, ptrdiff_t nrows,              \
+                                            ptrdiff_t stride, ptrdiff_t width,                     \
+                                            const double *FBN_RESTRICT mean,                       \
+                                            double *FBN_RESTRICT a1, double *FBN_RESTRICT a2)      \
+{                                                                                                  \
+    for (ptrdiff_t r = 0; r < nrows; r++) {                                                        \
+        const T *dyr = dy + r * stride, *xr = x + r * stride;                                      \
+        if (y) {                                                                                   \
+            const T *yr = y + r * stride;                                                          \
+            FBN_SIMD                                                                               \
+            for (ptrdiff_t j = 0; j < width; j++) {                                                \
+                double g = FBN_MASK(dyr[j], yr[j]);                                                \
+                a1[j] += g;                                                                        \
+                a2[j] += g * ((double)xr[j] - mean[j]);                                            \
+            }                                                                                      \
+        } else {                                                                                   \
+            FBN_SIMD                                                                               \
+            for (ptrdiff_t j = 0; j < width; j++) {                                                \
+                double g = (double)dyr[j];                                                         \
+                a1[j] += g;                                                                        \
+                a2[j] += g * ((double)xr[j] - mean[j]);                                            \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+}                                                                                                  \
+                                                                                                   \
+/* dx = a*g - k*((x - mhi) - mlo) + c with g as in fbn_bwd_sums; k = c = 0 is the inference        \
+ * backward. IN dy, x, y (or NULL), n, mhi, mlo, a, k, c; OUT dx (may alias dy) */                 \
+static FBN_CLONES void fbn_bwd_dx_##T(const T *dy, const T *FBN_RESTRICT x,                       \
+                                     const T *FBN_RESTRICT y, T *dx, ptrdiff_t n, T mhi, T mlo,    \
+                                     T a, T k, T c)                                                \
+{                                                                                                  \
+    if (y) {                                                                                       \
+        FBN_SIMD                                                                                   \
+        for (ptrdiff_t i = 0; i < n; i++) {                                                        \
+            T g = y[i] > 0 ? dy[i] : (T)0;                                                         \
+            dx[i] = a * g - k * ((x[i] - mhi) - mlo) + c;                                          \
+        }                                                                                          \
+    } else {                                                                                       \
+        FBN_SIMD                                                                                   \
+        for (ptrdiff_t i = 0; i < n; i++)                                                          \
+            dx[i] = a * dy[i] - k * ((x[i] - mhi) - mlo) + c;                                      \
+    }                                                                                              \
+}                                                                                                  \
+                                                                                                   \
+/* Rows of a channels-last block (see fbn_bwd_dx), per-lane parameters.                            \
+ * IN dy, x, y (or NULL), mhi/mlo/a/k/c[width]; OUT dx (may alias dy) */                           \
+static FBN_CLONES void fbn_bwd_dx_rows_##T(const T *dy, const T *FBN_RESTRICT x,                  \
+                                          const T *FBN_RESTRICT y, T *dx, ptrdiff_t nrows,         \
+                                          ptrdiff_t stride, ptrdiff_t width,                       \
+                                          const T *FBN_RESTRICT mhi, const T *FBN_RESTRICT mlo,    \
+                                          const T *FBN_RESTRICT a, const T *FBN_RESTRICT k,        \
+                                          const T *FBN_RESTRICT c)                                 \
+{                                                                                                  \
+    for (ptrdiff_t r = 0; r < nrows; r++) {                                                        \
+        const T *dyr = dy + r * stride, *xr = x + r * stride;                                      \
+        T *dxr = dx + r * stride;                                                                  \
+        if (y) {                                                                                   \
+            const T *yr = y + r * stride;                                                          \
+            FBN_SIMD                                                                               \
+            for (ptrdiff_t j = 0; j < width; j++) {                                                \
+                T g = yr[j] > 0 ? dyr[j] : (T)0;                                                   \
+                dxr[j] = a[j] * g - k[j] * ((xr[j] - mhi[j]) - mlo[j]) + c[j];                     \
+            }                                                                                      \
+        } else {                                                                                   \
+            FBN_SIMD                                                                               \
+            for (ptrdiff_t j = 0; j < width; j++)                                                  \
+                dxr[j] = a[j] * dyr[j] - k[j] * ((xr[j] - mhi[j]) - mlo[j]) + c[j];                \
+        }                                                                                          \
+    }                                                                                              \
+}
+
+FBN_DEFINE(float)
+FBN_DEFINE(double)
+
+#undef FBN_DEFINE
+
+/* OpenMP shim: the same kernels build without OpenMP (serial). */
+#ifdef _OPENMP
+#include <omp.h>
+static int fbn_openmp_enabled(void) { return 1; }
+static int fbn_omp_max_threads(void) { return omp_get_max_threads(); }
+#else
+static int fbn_openmp_enabled(void) { return 0; }
+static int fbn_omp_max_threads(void) { return 1; }
+#endif
+
+#endif /* FASTBN_SIMD_H */

@@ -1,0 +1,519 @@
+"""Functional batch normalization on NumPy arrays.
+
+Every public function here validates all of its arguments before it allocates or writes
+anything, moves the feature axis into a canonical (outer, C, inner) C-contiguous view, and calls
+the kernels of ``fastbn._kernels`` with plain arrays and a thread count.
+
+Memory layout: an input that is C-contiguous, or C-contiguous after a permutation of its axes
+(Fortran order, PyTorch's channels_last strides, transposes), is used in place. Any other layout
+(slices with gaps, negative strides) is copied once into C order. Outputs are allocated in the
+input's own layout, so ``y.strides`` follow ``x.strides``; a caller's ``out=`` of a different
+layout is filled from a temporary.
+
+Precision: float32 and float64 compute natively, accumulating in float64. float16 inputs are
+computed in float32 and the output is returned as float16. ``mean`` and ``invstd`` are returned
+as float64 whatever the input dtype: they are what the kernels accumulated, and handing them back
+at full precision keeps the backward accurate when |mean| >> std.
+"""
+import operator
+
+import numpy as np
+
+from . import _kernels
+from ._threads import get_num_threads
+
+__all__ = [
+    "batch_norm",
+    "batch_norm_backward",
+    "batch_norm_forward",
+    "channel_moments",
+    "normalize",
+    "backward_sums",
+    "backward_dx",
+    "update_running_stats",
+    "invstd_from_var",
+    "forward_with_stats",
+]
+
+_ACTIVATIONS = (None, "relu")
+_FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+# --------------------------------------------------------------------------- validation
+
+def _as_input(x, name):
+    if not isinstance(x, np.ndarray):
+        if hasattr(x, "__cuda_array_interface__"):
+            raise TypeError(
+                f"{name}: expected a NumPy array, got {type(x).__module__}.{type(x).__name__} "
+                "(pass every array argument from the same array module)"
+            )
+        x = np.asarray(x)
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name}: expected a floating-point array (float16, float32 or float64), "
+            f"got dtype {x.dtype}"
+        )
+    return x
+
+
+def _check_x(x, axis):
+    x = _as_input(x, "x")
+    if x.ndim < 2:
+        raise ValueError(
+            f"x: expected an array with at least 2 dimensions (batch and features), "
+            f"got shape {x.shape}"
+        )
+    try:
+        ax = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis: expected an int, got {type(axis).__name__}") from None
+    if not -x.ndim <= ax < x.ndim:
+        raise ValueError(
+            f"axis: expected an int in [{-x.ndim}, {x.ndim - 1}] for x of shape {x.shape}, "
+            f"got {axis}"
+        )
+    return x, ax % x.ndim
+
+
+def _check_channel(a, name, C, *, writable=False):
+    """A per-channel array: 1-D, length C, floating. Returns it as given (not converted)."""
+    if a is None:
+        return None
+    if not isinstance(a, np.ndarray):
+        if writable:
+            raise TypeError(f"{name}: expected a writable NumPy array, got {type(a).__name__}")
+        if hasattr(a, "__cuda_array_interface__"):
+            raise TypeError(
+                f"{name}: expected a NumPy array, got {type(a).__module__}.{type(a).__name__} "
+                "(pass every array argument from the same array module)"
+            )
+        a = np.asarray(a)
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name}: expected a floating-point array, got dtype {a.dtype}")
+    if a.shape != (C,):
+        raise ValueError(f"{name}: expected shape ({C},) (one value per channel), got {a.shape}")
+    if writable and not a.flags.writeable:
+        raise ValueError(f"{name}: expected a writable array, got a read-only one")
+    return a
+
+
+def _f64(a):
+    return None if a is None else np.ascontiguousarray(a, dtype=np.float64)
+
+
+def _check_eps(eps):
+    try:
+        eps = float(eps)
+    except (TypeError, ValueError):
+        raise TypeError(f"eps: expected a non-negative float, got {type(eps).__name__}") from None
+    if not (eps >= 0 and np.isfinite(eps)):
+        raise ValueError(f"eps: expected a finite non-negative float, got {eps}")
+    return eps
+
+
+def _check_activation(activation):
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
+    return activation == "relu"
+
+
+def _check_like(a, name, x):
+    """An array that must match x in shape and dtype (dy, y)."""
+    a = _as_input(a, name)
+    if a.shape != x.shape:
+        raise ValueError(f"{name}: expected shape {x.shape} (the shape of x), got {a.shape}")
+    if a.dtype != x.dtype:
+        raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {a.dtype}")
+    return a
+
+
+def _check_out(out, x):
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out: expected a NumPy array, got {type(out).__name__}")
+    if out.shape != x.shape:
+        raise ValueError(f"out: expected shape {x.shape} (the shape of x), got {out.shape}")
+    if out.dtype != x.dtype:
+        raise TypeError(f"out: expected dtype {x.dtype} (the dtype of x), got {out.dtype}")
+    if not out.flags.writeable:
+        raise ValueError("out: expected a writable array, got a read-only one")
+    return out
+
+
+# --------------------------------------------------------------------------- layout
+
+class _Layout:
+    """How x maps onto the canonical (outer, C, inner) C-contiguous view."""
+
+    __slots__ = ("perm", "inv", "shape3", "copied")
+
+    def __init__(self, x, ax):
+        perm = None
+        copied = False
+        if not x.flags.c_contiguous:
+            # A permutation of the axes by decreasing stride makes Fortran-ordered and
+            # channels_last-strided arrays C-contiguous without a copy.
+            order = sorted(range(x.ndim), key=lambda i: -abs(x.strides[i]))
+            if x.transpose(order).flags.c_contiguous:
+                perm = tuple(order)
+            else:
+                copied = True
+        shape = x.shape if perm is None else tuple(x.shape[i] for i in perm)
+        p = ax if perm is None else perm.index(ax)
+        outer = 1
+        for s in shape[:p]:
+            outer *= s
+        inner = 1
+        for s in shape[p + 1:]:
+            inner *= s
+        self.perm = perm
+        self.inv = None if perm is None else tuple(np.argsort(perm))
+        self.shape3 = (outer, shape[p], inner)
+        self.copied = copied
+
+    def view(self, a):
+        """The canonical view of a (an array shaped like x), copying when there is none."""
+        t = a if self.perm is None else a.transpose(self.perm)
+        if not t.flags.c_contiguous:
+            t = np.ascontiguousarray(t)
+        return t.reshape(self.shape3)
+
+    def direct(self, a):
+        """The canonical view of a if a has it without a copy, else None."""
+        t = a if self.perm is None else a.transpose(self.perm)
+        return t.reshape(self.shape3) if t.flags.c_contiguous else None
+
+    def empty(self, shape, dtype):
+        """A new array of x's shape, in x's layout; returns (array, canonical view)."""
+        if self.perm is None:
+            a = np.empty(shape, dtype)
+            return a, a.reshape(self.shape3)
+        t = np.empty(tuple(shape[i] for i in self.perm), dtype)
+        return t.transpose(self.inv), t.reshape(self.shape3)
+
+
+def _compute_dtype(dtype):
+    return np.dtype(np.float32) if dtype == np.float16 else dtype
+
+
+def _same_view(a, b):
+    return (
+        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+        and a.strides == b.strides
+    )
+
+
+class _Output:
+    """Where a kernel writes its result: the caller's out, a new array, or a temporary."""
+
+    __slots__ = ("result", "target", "_final")
+
+    def __init__(self, layout, x, out, inputs):
+        cdt = _compute_dtype(x.dtype)
+        self._final = None
+        if out is None:
+            if cdt == x.dtype:
+                self.result, self.target = layout.empty(x.shape, x.dtype)
+                return
+            self.result, _ = layout.empty(x.shape, x.dtype)
+            self._final = self.result
+            self.target = np.empty(layout.shape3, cdt)
+            return
+        self.result = out
+        direct = layout.direct(out) if cdt == x.dtype else None
+        if direct is not None:
+            # Writing straight into out is safe when it is exactly one of the inputs (the
+            # kernels are elementwise in their last pass) or overlaps none of them.
+            for a in inputs:
+                if a is not None and np.may_share_memory(out, a) and not _same_view(out, a):
+                    direct = None
+                    break
+        if direct is not None:
+            self.target = direct
+        else:
+            self._final = out
+            self.target = np.empty(layout.shape3, cdt)
+
+    def finish(self, layout):
+        if self._final is not None:
+            if layout.perm is None:
+                np.copyto(self._final, self.target.reshape(self._final.shape), casting="unsafe")
+            else:
+                shape = tuple(self._final.shape[i] for i in layout.perm)
+                t = self.target.reshape(shape).transpose(layout.inv)
+                np.copyto(self._final, t, casting="unsafe")
+        return self.result
+
+
+def _kernel_view(layout, a, cdt):
+    v = layout.view(a)
+    return v if v.dtype == cdt else v.astype(cdt)
+
+
+def _training_count(layout, x):
+    outer, C, inner = layout.shape3
+    n = outer * inner
+    if n <= 1:
+        raise ValueError(
+            f"x: expected more than 1 value per channel when training, got input shape "
+            f"{x.shape} ({n} value(s) per channel)"
+        )
+    return n
+
+
+# --------------------------------------------------------------------------- building blocks
+
+def channel_moments(x, *, axis=1):
+    """Per-channel (count, mean, M2) of x, M2 = sum((x - mean)**2), all float64.
+
+    The triple merges exactly across batches or processes (Chan et al.); ``var = M2 / count``.
+    """
+    x, ax = _check_x(x, axis)
+    layout = _Layout(x, ax)
+    cdt = _compute_dtype(x.dtype)
+    x3 = _kernel_view(layout, x, cdt)
+    C = layout.shape3[1]
+    mean = np.empty(C)
+    m2 = np.empty(C)
+    _kernels.channel_stats(x3, mean, m2, get_num_threads())
+    return layout.shape3[0] * layout.shape3[2], mean, m2
+
+
+def normalize(x, mean, invstd, weight=None, bias=None, *, axis=1, activation=None, out=None):
+    """y = (x - mean) * invstd * weight + bias per channel (then ReLU), for given statistics."""
+    x, ax = _check_x(x, axis)
+    layout = _Layout(x, ax)
+    C = layout.shape3[1]
+    mean = _check_channel(mean, "mean", C)
+    invstd = _check_channel(invstd, "invstd", C)
+    weight = _check_channel(weight, "weight", C)
+    bias = _check_channel(bias, "bias", C)
+    relu = _check_activation(activation)
+    out = _check_out(out, x)
+    return _normalize(x, layout, _f64(mean), _f64(invstd), _f64(weight), _f64(bias), relu, out)
+
+
+def _normalize(x, layout, mean, invstd, weight, bias, relu, out):
+    cdt = _compute_dtype(x.dtype)
+    x3 = _kernel_view(layout, x, cdt)
+    dest = _Output(layout, x, out, (x,))
+    _kernels.normalize(x3, dest.target, mean, invstd, weight, bias, relu, get_num_threads())
+    return dest.finish(layout)
+
+
+def backward_sums(dy, x, mean, *, axis=1, activation=None, y=None):
+    """Per channel: (count, sum(g), sum(g * (x - mean))) with g = dy, or dy masked by y > 0."""
+    x, ax = _check_x(x, axis)
+    layout = _Layout(x, ax)
+    C = layout.shape3[1]
+    dy = _check_like(dy, "dy", x)
+    mean = _check_channel(mean, "mean", C)
+    relu = _check_activation(activation)
+    y = _check_relu_y(y, x, relu)
+    count, s1, s2, _views = _backward_sums(dy, x, y, layout, _f64(mean))
+    return count, s1, s2
+
+
+def _check_relu_y(y, x, relu):
+    if relu:
+        if y is None:
+            raise ValueError("y: expected the forward's output when activation='relu', got None")
+        return _check_like(y, "y", x)
+    return None
+
+
+def _backward_sums(dy, x, y, layout, mean):
+    cdt = _compute_dtype(x.dtype)
+    C = layout.shape3[1]
+    x3 = _kernel_view(layout, x, cdt)
+    dy3 = _kernel_view(layout, dy, cdt)
+    y3 = None if y is None else _kernel_view(layout, y, cdt)
+    s1 = np.empty(C)
+    s2 = np.empty(C)
+    _kernels.backward_sums(dy3, x3, y3, mean, s1, s2, get_num_threads())
+    return layout.shape3[0] * layout.shape3[2], s1, s2, (dy3, x3, y3)
+
+
+def backward_dx(dy, x, mean, invstd, sum_dy, sum_dy_xmu, count, weight=None, *, axis=1,
+                training=True, activation=None, y=None):
+    """dx of batch norm from per-channel sums (see backward_sums) taken over ``count`` values."""
+    x, ax = _check_x(x, axis)
+    layout = _Layout(x, ax)
+    C = layout.shape3[1]
+    dy = _check_like(dy, "dy", x)
+    mean = _check_channel(mean, "mean", C)
+    invstd = _check_channel(invstd, "invstd", C)
+    sum_dy = _check_channel(sum_dy, "sum_dy", C)
+    sum_dy_xmu = _check_channel(sum_dy_xmu, "sum_dy_xmu", C)
+    weight = _check_channel(weight, "weight", C)
+    relu = _check_activation(activation)
+    y = _check_relu_y(y, x, relu)
+    cdt = _compute_dtype(x.dtype)
+    views = (_kernel_view(layout, dy, cdt), _kernel_view(layout, x, cdt),
+             None if y is None else _kernel_view(layout, y, cdt))
+    return _backward_dx(x, layout, views, _f64(mean), _f64(invstd), _f64(weight),
+                        _f64(sum_dy), _f64(sum_dy_xmu), float(count), bool(training))
+
+
+def _backward_dx(x, layout, views, mean, invstd, weight, s1, s2, count, training):
+    dy3, x3, y3 = views
+    dest = _Output(layout, x, None, ())
+    _kernels.backward_dx(dy3, x3, y3, dest.target, mean, invstd, weight, s1, s2, count,
+                         training, get_num_threads())
+    return dest.finish(layout)
+
+
+def invstd_from_var(var, eps):
+    """1/sqrt(var + eps), and 0 where var + eps == 0 (x_hat = 0 there, as in the kernels)."""
+    v = np.asarray(var, dtype=np.float64) + eps
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = 1.0 / np.sqrt(v)
+    inv[v == 0] = 0.0
+    return inv
+
+
+def update_running_stats(running_mean, running_var, mean, var, count, momentum):
+    """PyTorch's update, in place: running = (1 - momentum) * running + momentum * batch.
+
+    The running variance takes the unbiased batch variance, var * count / (count - 1).
+    """
+    unbiased = var * (count / (count - 1)) if count > 1 else var
+    if running_mean is not None:
+        running_mean *= 1.0 - momentum
+        running_mean += momentum * mean
+    if running_var is not None:
+        running_var *= 1.0 - momentum
+        running_var += momentum * unbiased
+
+
+# --------------------------------------------------------------------------- public API
+
+def batch_norm_forward(x, weight=None, bias=None, *, axis=1, eps=1e-5, activation=None,
+                       out=None):
+    """Training-mode batch norm: normalise x with its own batch statistics.
+
+    Parameters
+    ----------
+    x : ndarray, float16/float32/float64, ndim >= 2
+    weight, bias : (C,) arrays or None (gamma = 1, beta = 0)
+    axis : the feature axis (1 for NCHW, -1 for channels-last); statistics reduce over the rest
+    eps : added to the variance
+    activation : None or "relu" (applied in the same pass)
+    out : optional output array (x's shape and dtype; ``out=x`` works in place)
+
+    Returns
+    -------
+    y, mean, invstd : y has x's dtype; mean and invstd = 1/sqrt(var + eps) are float64 (C,).
+    """
+    y, mean, invstd, _var, _n = forward_with_stats(
+        x, weight, bias, axis=axis, eps=eps, activation=activation, out=out
+    )
+    return y, mean, invstd
+
+
+def forward_with_stats(x, weight=None, bias=None, *, axis=1, eps=1e-5, activation=None,
+                       out=None):
+    """batch_norm_forward that also returns the biased batch variance and the count per channel.
+
+    Returns (y, mean, invstd, var, count).
+    """
+    x, ax = _check_x(x, axis)
+    layout = _Layout(x, ax)
+    C = layout.shape3[1]
+    weight = _check_channel(weight, "weight", C)
+    bias = _check_channel(bias, "bias", C)
+    eps = _check_eps(eps)
+    relu = _check_activation(activation)
+    out = _check_out(out, x)
+    n = _training_count(layout, x)
+    return _forward_train(x, layout, _f64(weight), _f64(bias), eps, relu, out) + (n,)
+
+
+def _forward_train(x, layout, weight, bias, eps, relu, out):
+    cdt = _compute_dtype(x.dtype)
+    C = layout.shape3[1]
+    x3 = _kernel_view(layout, x, cdt)
+    dest = _Output(layout, x, out, (x,))
+    mean = np.empty(C)
+    var = np.empty(C)
+    invstd = np.empty(C)
+    _kernels.forward_train(x3, dest.target, weight, bias, eps, relu, mean, var, invstd,
+                           get_num_threads())
+    return dest.finish(layout), mean, invstd, var
+
+
+def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=True,
+                        activation=None, y=None):
+    """Gradients of batch norm: returns (dx, dweight, dbias).
+
+    ``mean`` and ``invstd`` are what the forward used: the batch statistics from
+    batch_norm_forward (``training=True``), or running statistics (``training=False``, where
+    they are constants and dx = dy * weight * invstd). With ``activation="relu"``, pass the
+    forward's output as ``y``: the gradient flows where y > 0. dweight = sum(g * x_hat) and
+    dbias = sum(g) are returned in x's compute dtype (float32 for float16 input) whether or
+    not ``weight`` is given.
+    """
+    x, ax = _check_x(x, axis)
+    layout = _Layout(x, ax)
+    C = layout.shape3[1]
+    dy = _check_like(dy, "dy", x)
+    mean = _check_channel(mean, "mean", C)
+    invstd = _check_channel(invstd, "invstd", C)
+    weight = _check_channel(weight, "weight", C)
+    relu = _check_activation(activation)
+    y = _check_relu_y(y, x, relu)
+    if training:
+        _training_count(layout, x)
+    mean = _f64(mean)
+    invstd = _f64(invstd)
+    count, s1, s2, views = _backward_sums(dy, x, y, layout, mean)
+    dx = _backward_dx(x, layout, views, mean, invstd, _f64(weight), s1, s2, float(count),
+                      bool(training))
+    cdt = _compute_dtype(x.dtype)
+    return dx, (s2 * invstd).astype(cdt, copy=False), s1.astype(cdt, copy=False)
+
+
+def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, *, training=True,
+               momentum=0.1, eps=1e-5, axis=1, activation=None, out=None):
+    """Batch norm with PyTorch's ``torch.nn.functional.batch_norm`` semantics.
+
+    training=True normalises with the batch statistics and, when running_mean/running_var are
+    given, updates them in place (unbiased variance, PyTorch's momentum convention).
+    training=False normalises with running_mean/running_var, which are then required.
+    """
+    x, ax = _check_x(x, axis)
+    layout = _Layout(x, ax)
+    C = layout.shape3[1]
+    weight = _check_channel(weight, "weight", C)
+    bias = _check_channel(bias, "bias", C)
+    running_mean = _check_channel(running_mean, "running_mean", C, writable=training)
+    running_var = _check_channel(running_var, "running_var", C, writable=training)
+    eps = _check_eps(eps)
+    relu = _check_activation(activation)
+    out = _check_out(out, x)
+    if training:
+        try:
+            momentum = float(momentum)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"momentum: expected a float in [0, 1], got {type(momentum).__name__} "
+                "(BatchNorm(momentum=None) gives a cumulative average)"
+            ) from None
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum: expected a float in [0, 1], got {momentum}")
+        n = _training_count(layout, x)
+        y, mean, _invstd, var = _forward_train(
+            x, layout, _f64(weight), _f64(bias), eps, relu, out
+        )
+        update_running_stats(running_mean, running_var, mean, var, n, momentum)
+        return y
+    if running_mean is None or running_var is None:
+        raise ValueError(
+            "running_mean, running_var: expected both arrays when training=False, got "
+            f"{type(running_mean).__name__} and {type(running_var).__name__}"
+        )
+    invstd = invstd_from_var(_f64(running_var), eps)
+    return _normalize(x, layout, _f64(running_mean), invstd, _f64(weight), _f64(bias), relu,
+                      out)
