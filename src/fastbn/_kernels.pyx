@@ -330,7 +330,9 @@ cdef int _normalize(const floating *x, floating *y, Py_ssize_t O, Py_ssize_t C, 
             s = t // npieces
             c = s % C
             i0 = (t % npieces) * PIECE
-            _split(mean[c], &mhi, &mlo)
+            # assigned here, not through a pointer, so that prange makes them thread-private
+            mhi = <floating>mean[c]
+            mlo = <floating>(mean[c] - <double>mhi)
             if floating is float:
                 fbn_norm_float(x + s * I + i0, y + s * I + i0, min(PIECE, I - i0), mhi, mlo,
                                <float>scale[c], <float>shift[c], relu)
@@ -491,7 +493,9 @@ cdef int _bwd_dx(const floating *dy, const floating *x, const floating *y, float
             i0 = (t % npieces) * PIECE
             off = s * I + i0
             n = min(PIECE, I - i0)
-            _split(mean[c], &mhi, &mlo)
+            # assigned here, not through a pointer, so that prange makes them thread-private
+            mhi = <floating>mean[c]
+            mlo = <floating>(mean[c] - <double>mhi)
             if floating is float:
                 fbn_bwd_dx_float(dy + off, x + off, y + off if y != NULL else NULL, dx + off,
                                  n, mhi, mlo, <float>a[c], <float>k[c], <float>cc[c])

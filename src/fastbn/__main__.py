@@ -1,0 +1,175 @@
+"""``python -m fastbn``: a short report on embedded default data; ``python -m fastbn bench``.
+
+The report builds its data from a fixed seed (the same bytes on every machine): a float32 NCHW
+batch, the same batch channels-last, and a float32 batch whose mean is 10^4 times its standard
+deviation. It checks the kernels against the plain float64 reference, times them against NumPy
+(and PyTorch when installed), and runs the Kohler et al. equivalence checks.
+"""
+import platform
+import sys
+import time
+
+import numpy as np
+
+import fastbn
+from fastbn import _reference as ref
+
+SEED = 20150211  # Ioffe & Szegedy's arXiv submission date
+
+
+def default_data():
+    rng = np.random.default_rng(SEED)
+    nchw = (0.5 + 2.0 * rng.standard_normal((16, 32, 28, 28))).astype(np.float32)
+    return {
+        "NCHW (16, 32, 28, 28) float32": (nchw, 1),
+        "NHWC (16, 28, 28, 32) float32": (np.ascontiguousarray(nchw.transpose(0, 2, 3, 1)), -1),
+        "offset 1e4, (256, 64) float32": (
+            (1e4 + rng.standard_normal((256, 64))).astype(np.float32), 1),
+        "(512, 100) float64": (rng.standard_normal((512, 100)), 1),
+    }
+
+
+def _max_rel(a, b, scale=None):
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    s = float(np.max(np.abs(b))) if scale is None else scale
+    return float(np.max(np.abs(a - b))) / max(s, 1e-300)
+
+
+def self_check(data):
+    rows = []
+    ok = True
+    for name, (x, axis) in data.items():
+        C = x.shape[axis]
+        rng = np.random.default_rng(1)
+        w, b = rng.standard_normal(C), rng.standard_normal(C)
+        dy = rng.standard_normal(x.shape).astype(x.dtype)
+        y, mean, invstd = fastbn.batch_norm_forward(x, w, b, axis=axis)
+        dx, dw, db = fastbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
+        ry, rmean, rvar, rinv = ref.forward(x, w, b, axis=axis)
+        rdx, rdw, rdb = ref.backward(dy, x, rmean, rinv, w, axis=axis)
+        tol = 1e-11 if x.dtype == np.float64 else 1e-4
+        spread = float(np.sqrt(rvar.max()))
+        errs = {
+            # relative to the data's scale: a mean near 0 has no meaningful relative error
+            "mean": _max_rel(mean, rmean, float(np.abs(rmean).max()) + spread),
+            "var": _max_rel(1 / invstd**2 - 1e-5, rvar),
+            "y": _max_rel(y, ry),
+            "dx": _max_rel(dx, rdx),
+        }
+        good = all(e < tol for e in errs.values())
+        ok &= good
+        rows.append((name, errs, good))
+    return rows, ok
+
+
+def _median_time(fn, repeat):
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _numpy_forward_train(x, axis):
+    red = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    mean = x.mean(axis=red, keepdims=True)
+    var = x.var(axis=red, keepdims=True)
+    return (x - mean) / np.sqrt(var + x.dtype.type(1e-5))
+
+
+def timing(data, repeat=7):
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    rows = []
+    for name, (x, axis) in list(data.items())[:2]:
+        C = x.shape[axis]
+        fb = _median_time(lambda: fastbn.batch_norm_forward(x, axis=axis), repeat)
+        npy = _median_time(lambda: _numpy_forward_train(x, axis), repeat)
+        tt = None
+        if torch is not None:
+            t = torch.from_numpy(x if axis == 1 else np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+            if axis == -1:
+                t = t.contiguous(memory_format=torch.channels_last)
+            torch.set_num_threads(fastbn.get_num_threads())
+            rm, rv = torch.zeros(C), torch.ones(C)
+            tt = _median_time(
+                lambda: torch.ops.aten.native_batch_norm(t, None, None, rm, rv, True, 0.1, 1e-5),
+                repeat)
+        rows.append((name, fb, npy, tt))
+    return rows, torch is not None
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def report():
+    out = []
+    p = out.append
+    p(f"fastbn {fastbn.__version__} on {cpu_model()}, "
+      f"Python {platform.python_version()}, NumPy {np.__version__}")
+    p(f"kernels: OpenMP {'on' if fastbn.openmp_enabled() else 'OFF (serial build)'}, "
+      f"{fastbn.get_num_threads()} thread(s)")
+    data = default_data()
+    p("")
+    p("Self-check against the float64 reference (max relative error; fixed-seed data):")
+    rows, ok = self_check(data)
+    for name, errs, good in rows:
+        cells = "  ".join(f"{k} {v:.1e}" for k, v in errs.items())
+        p(f"  {name:32s} {cells}  {'ok' if good else 'FAIL'}")
+    p("")
+    p("Training forward, median of 7 calls (ms):")
+    trows, have_torch = timing(data)
+    head = f"  {'':32s} {'fastbn':>8s} {'NumPy':>8s}" + (f" {'PyTorch':>8s}" if have_torch else "")
+    p(head)
+    for name, fb, npy, tt in trows:
+        line = f"  {name:32s} {fb * 1e3:8.3f} {npy * 1e3:8.3f}"
+        if have_torch:
+            line += f" {tt * 1e3:8.3f}   ({tt / fb:.1f}x PyTorch)"
+        p(line + f"   ({npy / fb:.1f}x NumPy)")
+    if not have_torch:
+        p("  (PyTorch not installed: pip install torch==2.13.0 to compare)")
+    p("  full comparison: python -m fastbn bench")
+    try:
+        from fastbn.analysis import reparam
+    except ImportError:
+        reparam = None
+    if reparam is not None and hasattr(reparam, "report_lines"):
+        p("")
+        p("Batch norm as a reparameterisation of the weights (Kohler et al.), float64:")
+        out.extend("  " + line for line in reparam.report_lines())
+    return "\n".join(out), ok
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench":
+        from fastbn import _bench
+
+        return _bench.main(argv[1:])
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print("\nusage: python -m fastbn [bench [options]]   (python -m fastbn bench --help)")
+        return 0
+    if argv:
+        print(f"fastbn: unknown command {argv[0]!r}; expected nothing or 'bench'", file=sys.stderr)
+        return 2
+    text, ok = report()
+    print(text)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

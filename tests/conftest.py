@@ -1,0 +1,35 @@
+import numpy as np
+import pytest
+
+
+def pytest_report_header(config):
+    try:
+        import fastbn
+    except ImportError as exc:  # the import error itself is reported by the tests
+        return f"fastbn: import failed ({exc})"
+    return (
+        f"fastbn {fastbn.__version__}: OpenMP {'on' if fastbn.openmp_enabled() else 'OFF'}, "
+        f"{fastbn.get_num_threads()} thread(s), numpy {np.__version__}"
+    )
+
+
+def rel_err(actual, expected, scale=None):
+    """max |actual - expected| / scale in float64; scale defaults to max |expected|.
+
+    Pass the magnitude of the terms that were summed when the result can cancel to ~0 (the
+    backward of a 2-sample batch is ~0 while its terms are O(|weight * invstd * dy|)).
+    """
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    if scale is None:
+        scale = float(np.max(np.abs(e))) if e.size else 0.0
+    scale = max(scale, 1e-30)
+    return float(np.max(np.abs(a - e))) / scale if e.size else 0.0
+
+
+TOL = {np.float64: 1e-12, np.float32: 2e-6, np.float16: 2e-3}
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
