@@ -17,14 +17,17 @@ Per-channel statistics are returned as (mean, M2) with M2 = sum((x - mean)^2): t
 partial results (Chan et al.) is exact in form, which fastbn.distributed reuses across processes.
 """
 cimport cython
+cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 ctypedef fused floating:
     float
     double
+
+cnp.import_array()
 
 cdef extern from "_simd.h" nogil:
     int fbn_openmp_enabled()
@@ -89,42 +92,6 @@ def omp_max_threads():
     return fbn_omp_max_threads()
 
 
-# --------------------------------------------------------------------------- dtype dispatch
-
-cdef inline void _sums(const floating *x, Py_ssize_t n, double k, double *s1,
-                       double *s2) noexcept nogil:
-    if floating is float:
-        fbn_sums_float(x, n, k, s1, s2)
-    else:
-        fbn_sums_double(x, n, k, s1, s2)
-
-
-cdef inline void _sums_rows(const floating *x, Py_ssize_t nrows, Py_ssize_t stride,
-                            Py_ssize_t width, const double *k, double *a1,
-                            double *a2) noexcept nogil:
-    if floating is float:
-        fbn_sums_rows_float(x, nrows, stride, width, k, a1, a2)
-    else:
-        fbn_sums_rows_double(x, nrows, stride, width, k, a1, a2)
-
-
-cdef inline void _bwd_sums(const floating *dy, const floating *x, const floating *y,
-                           Py_ssize_t n, double mean, double *s1, double *s2) noexcept nogil:
-    if floating is float:
-        fbn_bwd_sums_float(dy, x, y, n, mean, s1, s2)
-    else:
-        fbn_bwd_sums_double(dy, x, y, n, mean, s1, s2)
-
-
-cdef inline void _bwd_sums_rows(const floating *dy, const floating *x, const floating *y,
-                                Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t width,
-                                const double *mean, double *a1, double *a2) noexcept nogil:
-    if floating is float:
-        fbn_bwd_sums_rows_float(dy, x, y, nrows, stride, width, mean, a1, a2)
-    else:
-        fbn_bwd_sums_rows_double(dy, x, y, nrows, stride, width, mean, a1, a2)
-
-
 # --------------------------------------------------------------------------- partitions
 
 cdef struct Rows:
@@ -163,8 +130,56 @@ cdef Rows _rows_partition(Py_ssize_t R, Py_ssize_t C, Py_ssize_t chunk) noexcept
     return p
 
 
+cdef struct Ctx:
+    # Everything a task needs; one per kernel call, shared read-only by the threads (tasks
+    # write only to their own slots of `p1`/`p2`/`r1`/`r2` and their own part of `out`).
+    bint f32               # float32 data, else float64
+    const void *x          # IN  (outer, C, inner) values
+    const void *dy         # IN  gradient (backward) or NULL
+    const void *y          # IN  ReLU mask (forward output) or NULL
+    void *out              # OUT y or dx
+    Py_ssize_t outer, channels, inner   # the canonical shape
+    Py_ssize_t nq          # NCL: chunks per channel
+    Rows p                 # channels-last partition
+    const double *mean     # per channel
+    const double *a        # per channel: scale (normalize, dx)
+    const double *k        # per channel: x coefficient (dx) or shift (normalize)
+    const double *c        # per channel: constant (dx)
+    const void *lanes      # channels-last: the parameters replicated over the lane width
+    bint relu
+    double *p1             # OUT partial results, one slot per block
+    double *p2
+    double *r1             # OUT per-channel results
+    double *r2
+
+
+ctypedef void (*task_fn)(const Ctx *ctx, Py_ssize_t t) noexcept nogil
+
+
+cdef void _run(task_fn task, const Ctx *ctx, Py_ssize_t ntasks, int nthreads) noexcept nogil:
+    """Run task(ctx, 0..ntasks-1), statically split over the threads.
+
+    The only parallel construct of the module. With one thread it is a plain loop: an OpenMP
+    region, even if(0), costs ~0.3 us, which mattered for small inputs.
+    """
+    cdef Py_ssize_t t
+    if nthreads > 1 and ntasks > 1:
+        for t in prange(ntasks, schedule='static', num_threads=nthreads):
+            task(ctx, t)
+    else:
+        for t in range(ntasks):
+            task(ctx, t)
+
+
 cdef inline int _nthreads(int nthreads, Py_ssize_t work) noexcept nogil:
     return nthreads if work >= PAR_MIN and nthreads > 1 else 1
+
+
+cdef inline void _split(double v, floating *hi, floating *lo) noexcept nogil:
+    # head + tail of v in the working precision: for float32, (x - hi) - lo keeps the digits
+    # of x - v that a single rounded mean would lose when |mean| >> std.
+    hi[0] = <floating>v
+    lo[0] = <floating>(v - <double>hi[0])
 
 
 # --------------------------------------------------------------------------- statistics
@@ -197,10 +212,10 @@ cdef inline void _block_moments(double cnt, double k, double s1, double s2, doub
         m2[0] = 0
 
 
-cdef void _ncl_stats_task(const floating *x, Py_ssize_t C, Py_ssize_t I, Py_ssize_t M,
-                          Py_ssize_t c, Py_ssize_t q, double *pmean,
-                          double *pm2) noexcept nogil:
-    # Values [q*CHUNK, (q+1)*CHUNK) of channel c, in (outer, inner) order.
+cdef void _ncl_stats(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
+    # Task t: values [q*CHUNK, (q+1)*CHUNK) of channel c, in (outer, inner) order.
+    cdef Py_ssize_t C = ctx.channels, I = ctx.inner, M = ctx.outer * ctx.inner
+    cdef Py_ssize_t c = t // ctx.nq, q = t % ctx.nq
     cdef Py_ssize_t e = q * CHUNK
     cdef Py_ssize_t e1 = min(M, e + CHUNK)
     cdef Py_ssize_t o = e // I
@@ -210,22 +225,26 @@ cdef void _ncl_stats_task(const floating *x, Py_ssize_t C, Py_ssize_t I, Py_ssiz
     cdef double k = x[(o * C + c) * I + i]
     while e < e1:
         span = min(I - i, e1 - e)
-        _sums(x + (o * C + c) * I + i, span, k, &s1, &s2)
+        if floating is float:
+            fbn_sums_float(x + (o * C + c) * I + i, span, k, &s1, &s2)
+        else:
+            fbn_sums_double(x + (o * C + c) * I + i, span, k, &s1, &s2)
         e += span
         o += 1
         i = 0
-    _block_moments(<double>(e1 - q * CHUNK), k, s1, s2, pmean, pm2)
+    _block_moments(<double>(e1 - q * CHUNK), k, s1, s2, ctx.p1 + t, ctx.p2 + t)
 
 
-cdef void _rows_stats_task(const floating *x, const Rows *p, Py_ssize_t b, Py_ssize_t t,
-                           double *pmean, double *pm2) noexcept nogil:
-    # Rows [b*rb, (b+1)*rb) x channels [t*tile, (t+1)*tile); writes pmean/pm2[b*C + c].
+cdef void _rows_stats(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
+    # Task t: rows [b*rb, (b+1)*rb) x channels [tl*tile, (tl+1)*tile); writes slots b*C + c.
     cdef double k[TILE]
     cdef double a1[TILE]
     cdef double a2[TILE]
+    cdef const Rows *p = &ctx.p
+    cdef Py_ssize_t b = t // p.ntiles
     cdef Py_ssize_t r0 = b * p.rb
     cdef Py_ssize_t r1 = min(p.R, r0 + p.rb)
-    cdef Py_ssize_t c0 = t * p.tile
+    cdef Py_ssize_t c0 = (t % p.ntiles) * p.tile
     cdef Py_ssize_t cw = min(p.tile, p.C - c0)
     cdef Py_ssize_t width = p.m * cw
     cdef Py_ssize_t nsr = (r1 - r0) // p.m
@@ -236,9 +255,16 @@ cdef void _rows_stats_task(const floating *x, const Rows *p, Py_ssize_t b, Py_ss
         a1[j] = 0
         a2[j] = 0
     # super-rows are contiguous (m > 1 only when the tile is the whole row)
-    _sums_rows(x + r0 * p.C + c0, nsr, p.m * p.C, width, k, a1, a2)
-    if r0 + nsr * p.m < r1:
-        _sums_rows(x + (r0 + nsr * p.m) * p.C + c0, r1 - r0 - nsr * p.m, p.C, cw, k, a1, a2)
+    if floating is float:
+        fbn_sums_rows_float(x + r0 * p.C + c0, nsr, p.m * p.C, width, k, a1, a2)
+        if r0 + nsr * p.m < r1:
+            fbn_sums_rows_float(x + (r0 + nsr * p.m) * p.C + c0, r1 - r0 - nsr * p.m, p.C, cw,
+                                k, a1, a2)
+    else:
+        fbn_sums_rows_double(x + r0 * p.C + c0, nsr, p.m * p.C, width, k, a1, a2)
+        if r0 + nsr * p.m < r1:
+            fbn_sums_rows_double(x + (r0 + nsr * p.m) * p.C + c0, r1 - r0 - nsr * p.m, p.C, cw,
+                                 k, a1, a2)
     for c in range(cw):
         s1 = 0
         s2 = 0
@@ -248,178 +274,232 @@ cdef void _rows_stats_task(const floating *x, const Rows *p, Py_ssize_t b, Py_ss
             s2 += a2[j]
             j += cw
         _block_moments(<double>(r1 - r0), k[c], s1, s2,
-                       pmean + b * p.C + c0 + c, pm2 + b * p.C + c0 + c)
+                       ctx.p1 + b * p.C + c0 + c, ctx.p2 + b * p.C + c0 + c)
 
 
-cdef int _stats(const floating *x, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, double *mean,
-                double *m2, int nthreads) noexcept nogil:
-    """Per-channel mean and M2 of x (O, C, I). Returns -1 when out of memory."""
-    cdef Py_ssize_t M = O * I
-    cdef Py_ssize_t nq, t, c, q, nblk
-    cdef double n, blk
-    cdef double *pmean
-    cdef double *pm2
-    cdef Rows p
-    cdef int nt = _nthreads(nthreads, O * C * I)
-    if I > 1:
-        nq = (M + CHUNK - 1) // CHUNK
-        nblk = C * nq
+cdef void _stats_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
+    if ctx.inner > 1:
+        if ctx.f32:
+            _ncl_stats(<const float *>ctx.x, ctx, t)
+        else:
+            _ncl_stats(<const double *>ctx.x, ctx, t)
     else:
-        p = _rows_partition(O, C, CL_CHUNK)
-        nblk = p.nb * C
-    pmean = <double *> malloc((2 * nblk + 1) * sizeof(double))
-    if pmean == NULL:
+        if ctx.f32:
+            _rows_stats(<const float *>ctx.x, ctx, t)
+        else:
+            _rows_stats(<const double *>ctx.x, ctx, t)
+
+
+cdef void _merge_stats_task(const Ctx *ctx, Py_ssize_t c) noexcept nogil:
+    # Channel c: merge its blocks in block order (fixed, whatever the thread count).
+    cdef double n = 0
+    cdef Py_ssize_t q, nblk, stride, first
+    cdef Py_ssize_t total = ctx.outer * ctx.inner
+    cdef Py_ssize_t size = CHUNK if ctx.inner > 1 else ctx.p.rb
+    if ctx.inner > 1:
+        nblk, stride, first = ctx.nq, 1, c * ctx.nq
+    else:
+        nblk, stride, first = ctx.p.nb, ctx.channels, c
+    ctx.r1[c] = 0
+    ctx.r2[c] = 0
+    for q in range(nblk):
+        _chan_merge(&n, ctx.r1 + c, ctx.r2 + c, <double>(min(total, (q + 1) * size) - q * size),
+                    ctx.p1[first + q * stride], ctx.p2[first + q * stride])
+
+
+cdef Py_ssize_t _nblocks(Ctx *ctx) noexcept nogil:
+    """Set up the reduction partition of ctx; returns the number of block slots (tasks)."""
+    if ctx.inner > 1:
+        ctx.nq = (ctx.outer * ctx.inner + CHUNK - 1) // CHUNK
+        return ctx.channels * ctx.nq
+    ctx.p = _rows_partition(ctx.outer, ctx.channels, CL_CHUNK)
+    return ctx.p.nb * ctx.p.ntiles
+
+
+cdef int _stats(Ctx *ctx, double *mean, double *m2, int nthreads) noexcept nogil:
+    """Per-channel mean and M2 of ctx.x. Returns -1 when out of memory."""
+    cdef Py_ssize_t ntasks = _nblocks(ctx)
+    cdef Py_ssize_t nslots = ctx.channels * ctx.nq if ctx.inner > 1 else ctx.p.nb * ctx.channels
+    cdef int nt = _nthreads(nthreads, ctx.outer * ctx.channels * ctx.inner)
+    ctx.p1 = <double *> malloc((2 * nslots + 1) * sizeof(double))
+    if ctx.p1 == NULL:
         return -1
-    pm2 = pmean + nblk
-    if I > 1:
-        for t in prange(C * nq, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-            _ncl_stats_task(x, C, I, M, t // nq, t % nq, pmean + t, pm2 + t)
-        for c in prange(C, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-            n = 0
-            mean[c] = 0
-            m2[c] = 0
-            for q in range(nq):
-                blk = <double>(min(M, (q + 1) * CHUNK) - q * CHUNK)
-                _chan_merge(&n, mean + c, m2 + c, blk, pmean[c * nq + q], pm2[c * nq + q])
-    else:
-        for t in prange(p.nb * p.ntiles, schedule='static', num_threads=nt,
-                        use_threads_if=nt > 1):
-            _rows_stats_task(x, &p, t // p.ntiles, t % p.ntiles, pmean, pm2)
-        for c in prange(C, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-            n = 0
-            mean[c] = 0
-            m2[c] = 0
-            for q in range(p.nb):
-                blk = <double>(min(O, (q + 1) * p.rb) - q * p.rb)
-                _chan_merge(&n, mean + c, m2 + c, blk, pmean[q * C + c], pm2[q * C + c])
-    free(pmean)
+    ctx.p2 = ctx.p1 + nslots
+    ctx.r1 = mean
+    ctx.r2 = m2
+    _run(_stats_task, ctx, ntasks, nt)
+    _run(_merge_stats_task, ctx, ctx.channels, nt)
+    free(ctx.p1)
+    ctx.p1 = ctx.p2 = NULL
     return 0
 
 
 # --------------------------------------------------------------------------- elementwise
 
-cdef inline void _split(double v, floating *hi, floating *lo) noexcept nogil:
-    # head + tail of v in the working precision: for float32, (x - hi) - lo keeps the digits
-    # of x - v that a single rounded mean would lose when |mean| >> std.
-    hi[0] = <floating>v
-    lo[0] = <floating>(v - <double>hi[0])
-
-
-cdef int _replicate(floating *dst, const double *src, Py_ssize_t C, Py_ssize_t width,
-                    Py_ssize_t c0) noexcept nogil:
-    cdef Py_ssize_t j
-    cdef Py_ssize_t cw = width if width < C else C
-    for j in range(width):
-        dst[j] = <floating>src[c0 + j % cw]
-    return 0
-
-
-cdef int _normalize(const floating *x, floating *y, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I,
-                    const double *mean, const double *scale, const double *shift, bint relu,
-                    int nthreads) noexcept nogil:
-    """y = (x - mean) * scale + shift per channel (then ReLU). Returns -1 when out of memory."""
-    cdef Py_ssize_t npieces, t, s, c, i0, b, r0, r1, nsr, j, width
+cdef void _ncl_norm(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
+    # Task t: piece t % npieces of segment (o, c) = t // npieces; y = (x - mean) * a + k.
+    cdef Py_ssize_t npieces = (ctx.inner + PIECE - 1) // PIECE
+    cdef Py_ssize_t s = t // npieces
+    cdef Py_ssize_t c = s % ctx.channels
+    cdef Py_ssize_t i0 = (t % npieces) * PIECE
+    cdef Py_ssize_t off = s * ctx.inner + i0
     cdef floating mhi, mlo
-    cdef floating *lanes
-    cdef Rows p
-    cdef int nt = _nthreads(nthreads, O * C * I)
-    if I > 1:
-        npieces = (I + PIECE - 1) // PIECE
-        for t in prange(O * C * npieces, schedule='static', num_threads=nt,
-                        use_threads_if=nt > 1):
-            s = t // npieces
-            c = s % C
-            i0 = (t % npieces) * PIECE
-            # assigned here, not through a pointer, so that prange makes them thread-private
-            mhi = <floating>mean[c]
-            mlo = <floating>(mean[c] - <double>mhi)
-            if floating is float:
-                fbn_norm_float(x + s * I + i0, y + s * I + i0, min(PIECE, I - i0), mhi, mlo,
-                               <float>scale[c], <float>shift[c], relu)
-            else:
-                fbn_norm_double(x + s * I + i0, y + s * I + i0, min(PIECE, I - i0), mhi, mlo,
-                                scale[c], shift[c], relu)
+    _split(ctx.mean[c], &mhi, &mlo)
+    if floating is float:
+        fbn_norm_float(x + off, <float *>ctx.out + off, min(PIECE, ctx.inner - i0), mhi, mlo,
+                       <float>ctx.a[c], <float>ctx.k[c], ctx.relu)
+    else:
+        fbn_norm_double(x + off, <double *>ctx.out + off, min(PIECE, ctx.inner - i0), mhi, mlo,
+                        ctx.a[c], ctx.k[c], ctx.relu)
+
+
+cdef void _rows_norm(const floating *x, const Ctx *ctx, Py_ssize_t b) noexcept nogil:
+    # Task b: row block b. lanes = [mhi | mlo | scale | shift], each m*C wide.
+    cdef const Rows *p = &ctx.p
+    cdef const floating *L = <const floating *>ctx.lanes
+    cdef floating *y = <floating *>ctx.out
+    cdef Py_ssize_t C = p.C, w = p.m * p.C
+    cdef Py_ssize_t r0 = b * p.rb
+    cdef Py_ssize_t r1 = min(p.R, r0 + p.rb)
+    cdef Py_ssize_t nsr = (r1 - r0) // p.m
+    cdef Py_ssize_t rl = r0 + nsr * p.m
+    if floating is float:
+        fbn_norm_rows_float(x + r0 * C, y + r0 * C, nsr, w, w, L, L + w, L + 2 * w, L + 3 * w,
+                            ctx.relu)
+        if rl < r1:
+            fbn_norm_rows_float(x + rl * C, y + rl * C, r1 - rl, C, C, L, L + w, L + 2 * w,
+                                L + 3 * w, ctx.relu)
+    else:
+        fbn_norm_rows_double(x + r0 * C, y + r0 * C, nsr, w, w, L, L + w, L + 2 * w, L + 3 * w,
+                             ctx.relu)
+        if rl < r1:
+            fbn_norm_rows_double(x + rl * C, y + rl * C, r1 - rl, C, C, L, L + w, L + 2 * w,
+                                 L + 3 * w, ctx.relu)
+
+
+cdef void _norm_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
+    if ctx.inner > 1:
+        if ctx.f32:
+            _ncl_norm(<const float *>ctx.x, ctx, t)
+        else:
+            _ncl_norm(<const double *>ctx.x, ctx, t)
+    else:
+        if ctx.f32:
+            _rows_norm(<const float *>ctx.x, ctx, t)
+        else:
+            _rows_norm(<const double *>ctx.x, ctx, t)
+
+
+cdef void *_make_lanes(const Ctx *ctx, Py_ssize_t nparams) noexcept nogil:
+    """Channels-last: [mhi | mlo | a | k | c][:nparams], each replicated to m*C lanes."""
+    cdef Py_ssize_t w = ctx.p.m * ctx.channels, j, C = ctx.channels
+    cdef const double *src[3]
+    cdef Py_ssize_t i
+    cdef float *f
+    cdef double *d
+    src[0] = ctx.a
+    src[1] = ctx.k
+    src[2] = ctx.c
+    if ctx.f32:
+        f = <float *> malloc(nparams * w * sizeof(float))
+        if f == NULL:
+            return NULL
+        for j in range(w):
+            _split(ctx.mean[j % C], f + j, f + w + j)
+            for i in range(nparams - 2):
+                f[(2 + i) * w + j] = <float>src[i][j % C]
+        return f
+    d = <double *> malloc(nparams * w * sizeof(double))
+    if d == NULL:
+        return NULL
+    for j in range(w):
+        d[j] = ctx.mean[j % C]
+        d[w + j] = 0
+        for i in range(nparams - 2):
+            d[(2 + i) * w + j] = src[i][j % C]
+    return d
+
+
+cdef int _normalize(Ctx *ctx, int nthreads) noexcept nogil:
+    """ctx.out = (x - mean) * a + k per channel (then ReLU). Returns -1 when out of memory."""
+    cdef int nt = _nthreads(nthreads, ctx.outer * ctx.channels * ctx.inner)
+    cdef void *lanes
+    if ctx.inner > 1:
+        _run(_norm_task, ctx, ctx.outer * ctx.channels * ((ctx.inner + PIECE - 1) // PIECE), nt)
         return 0
-    # channels-last: parameters replicated over the lanes of a (super-)row
-    p = _rows_partition(O, C, CL_CHUNK)
-    width = p.m * C
-    lanes = <floating *> malloc(4 * width * sizeof(floating))
+    ctx.p = _rows_partition(ctx.outer, ctx.channels, CL_CHUNK)
+    lanes = _make_lanes(ctx, 4)
     if lanes == NULL:
         return -1
-    for j in range(width):
-        _split(mean[j % C], lanes + j, lanes + width + j)
-    _replicate(lanes + 2 * width, scale, C, width, 0)
-    _replicate(lanes + 3 * width, shift, C, width, 0)
-    for b in prange(p.nb, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-        r0 = b * p.rb
-        r1 = min(O, r0 + p.rb)
-        nsr = (r1 - r0) // p.m
-        _norm_rows(x + r0 * C, y + r0 * C, nsr, width, width, lanes, width, relu)
-        if r0 + nsr * p.m < r1:
-            _norm_rows(x + (r0 + nsr * p.m) * C, y + (r0 + nsr * p.m) * C,
-                       r1 - r0 - nsr * p.m, C, C, lanes, width, relu)
+    ctx.lanes = lanes
+    _run(_norm_task, ctx, ctx.p.nb, nt)
     free(lanes)
+    ctx.lanes = NULL
     return 0
-
-
-cdef inline void _norm_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssize_t stride,
-                            Py_ssize_t width, const floating *lanes, Py_ssize_t w,
-                            bint relu) noexcept nogil:
-    # lanes: [mhi | mlo | scale | shift], each w long
-    if floating is float:
-        fbn_norm_rows_float(x, y, nrows, stride, width, lanes, lanes + w, lanes + 2 * w,
-                            lanes + 3 * w, relu)
-    else:
-        fbn_norm_rows_double(x, y, nrows, stride, width, lanes, lanes + w, lanes + 2 * w,
-                             lanes + 3 * w, relu)
 
 
 # --------------------------------------------------------------------------- backward
 
-cdef void _ncl_bwd_task(const floating *dy, const floating *x, const floating *y, Py_ssize_t C,
-                        Py_ssize_t I, Py_ssize_t M, Py_ssize_t c, Py_ssize_t q, double mean,
-                        double *p1, double *p2) noexcept nogil:
+cdef void _ncl_bsums(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
+    cdef const floating *dy = <const floating *>ctx.dy
+    cdef const floating *y = <const floating *>ctx.y
+    cdef Py_ssize_t C = ctx.channels, I = ctx.inner, M = ctx.outer * ctx.inner
+    cdef Py_ssize_t c = t // ctx.nq, q = t % ctx.nq
     cdef Py_ssize_t e = q * CHUNK
     cdef Py_ssize_t e1 = min(M, e + CHUNK)
     cdef Py_ssize_t o = e // I
     cdef Py_ssize_t i = e % I
     cdef Py_ssize_t span, off
-    p1[0] = 0
-    p2[0] = 0
+    cdef double mean = ctx.mean[c]
+    ctx.p1[t] = 0
+    ctx.p2[t] = 0
     while e < e1:
         span = min(I - i, e1 - e)
         off = (o * C + c) * I + i
-        _bwd_sums(dy + off, x + off, y + off if y != NULL else NULL, span, mean, p1, p2)
+        if floating is float:
+            fbn_bwd_sums_float(dy + off, x + off, y + off if y != NULL else NULL, span, mean,
+                               ctx.p1 + t, ctx.p2 + t)
+        else:
+            fbn_bwd_sums_double(dy + off, x + off, y + off if y != NULL else NULL, span, mean,
+                                ctx.p1 + t, ctx.p2 + t)
         e += span
         o += 1
         i = 0
 
 
-cdef void _rows_bwd_task(const floating *dy, const floating *x, const floating *y,
-                         const Rows *p, Py_ssize_t b, Py_ssize_t t, const double *mean,
-                         double *p1, double *p2) noexcept nogil:
+cdef void _rows_bsums(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
+    cdef const floating *dy = <const floating *>ctx.dy
+    cdef const floating *y = <const floating *>ctx.y
     cdef double mu[TILE]
     cdef double a1[TILE]
     cdef double a2[TILE]
+    cdef const Rows *p = &ctx.p
+    cdef Py_ssize_t b = t // p.ntiles
     cdef Py_ssize_t r0 = b * p.rb
     cdef Py_ssize_t r1 = min(p.R, r0 + p.rb)
-    cdef Py_ssize_t c0 = t * p.tile
+    cdef Py_ssize_t c0 = (t % p.ntiles) * p.tile
     cdef Py_ssize_t cw = min(p.tile, p.C - c0)
     cdef Py_ssize_t width = p.m * cw
     cdef Py_ssize_t nsr = (r1 - r0) // p.m
-    cdef Py_ssize_t j, c, off
+    cdef Py_ssize_t rl = r0 + nsr * p.m
+    cdef Py_ssize_t j, c, off = r0 * p.C + c0, offl = rl * p.C + c0
     cdef double s1, s2
     for j in range(width):
-        mu[j] = mean[c0 + j % cw]
+        mu[j] = ctx.mean[c0 + j % cw]
         a1[j] = 0
         a2[j] = 0
-    off = r0 * p.C + c0
-    _bwd_sums_rows(dy + off, x + off, y + off if y != NULL else NULL, nsr, p.m * p.C, width,
-                   mu, a1, a2)
-    if r0 + nsr * p.m < r1:
-        off = (r0 + nsr * p.m) * p.C + c0
-        _bwd_sums_rows(dy + off, x + off, y + off if y != NULL else NULL,
-                       r1 - r0 - nsr * p.m, p.C, cw, mu, a1, a2)
+    if floating is float:
+        fbn_bwd_sums_rows_float(dy + off, x + off, y + off if y != NULL else NULL, nsr,
+                                p.m * p.C, width, mu, a1, a2)
+        if rl < r1:
+            fbn_bwd_sums_rows_float(dy + offl, x + offl, y + offl if y != NULL else NULL,
+                                    r1 - rl, p.C, cw, mu, a1, a2)
+    else:
+        fbn_bwd_sums_rows_double(dy + off, x + off, y + off if y != NULL else NULL, nsr,
+                                 p.m * p.C, width, mu, a1, a2)
+        if rl < r1:
+            fbn_bwd_sums_rows_double(dy + offl, x + offl, y + offl if y != NULL else NULL,
+                                     r1 - rl, p.C, cw, mu, a1, a2)
     for c in range(cw):
         s1 = 0
         s2 = 0
@@ -428,121 +508,176 @@ cdef void _rows_bwd_task(const floating *dy, const floating *x, const floating *
             s1 += a1[j]
             s2 += a2[j]
             j += cw
-        p1[b * p.C + c0 + c] = s1
-        p2[b * p.C + c0 + c] = s2
+        ctx.p1[b * p.C + c0 + c] = s1
+        ctx.p2[b * p.C + c0 + c] = s2
 
 
-cdef int _bwd_sums_all(const floating *dy, const floating *x, const floating *y, Py_ssize_t O,
-                       Py_ssize_t C, Py_ssize_t I, const double *mean, double *sum_dy,
-                       double *sum_dy_xmu, int nthreads) noexcept nogil:
+cdef void _bsums_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
+    if ctx.inner > 1:
+        if ctx.f32:
+            _ncl_bsums(<const float *>ctx.x, ctx, t)
+        else:
+            _ncl_bsums(<const double *>ctx.x, ctx, t)
+    else:
+        if ctx.f32:
+            _rows_bsums(<const float *>ctx.x, ctx, t)
+        else:
+            _rows_bsums(<const double *>ctx.x, ctx, t)
+
+
+cdef void _merge_sums_task(const Ctx *ctx, Py_ssize_t c) noexcept nogil:
+    # Channel c: add its blocks in block order.
+    cdef Py_ssize_t q, nblk, stride, first
+    cdef double s1 = 0, s2 = 0
+    if ctx.inner > 1:
+        nblk, stride, first = ctx.nq, 1, c * ctx.nq
+    else:
+        nblk, stride, first = ctx.p.nb, ctx.channels, c
+    for q in range(nblk):
+        s1 += ctx.p1[first + q * stride]
+        s2 += ctx.p2[first + q * stride]
+    ctx.r1[c] = s1
+    ctx.r2[c] = s2
+
+
+cdef int _bwd_sums(Ctx *ctx, double *sum_dy, double *sum_dy_xmu, int nthreads) noexcept nogil:
     """Per channel: sum(g) and sum(g * (x - mean)), g = dy (masked by y > 0 if y)."""
-    cdef Py_ssize_t M = O * I
-    cdef Py_ssize_t nq, t, c, q, nblk
-    cdef double *p1
-    cdef double *p2
-    cdef Rows p
-    cdef int nt = _nthreads(nthreads, O * C * I)
-    if I > 1:
-        nq = (M + CHUNK - 1) // CHUNK
-        nblk = C * nq
-    else:
-        p = _rows_partition(O, C, CL_CHUNK)
-        nblk = p.nb * C
-    p1 = <double *> malloc((2 * nblk + 1) * sizeof(double))
-    if p1 == NULL:
+    cdef Py_ssize_t ntasks = _nblocks(ctx)
+    cdef Py_ssize_t nslots = ctx.channels * ctx.nq if ctx.inner > 1 else ctx.p.nb * ctx.channels
+    cdef int nt = _nthreads(nthreads, ctx.outer * ctx.channels * ctx.inner)
+    ctx.p1 = <double *> malloc((2 * nslots + 1) * sizeof(double))
+    if ctx.p1 == NULL:
         return -1
-    p2 = p1 + nblk
-    if I > 1:
-        for t in prange(C * nq, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-            _ncl_bwd_task(dy, x, y, C, I, M, t // nq, t % nq, mean[t // nq], p1 + t, p2 + t)
-        for c in prange(C, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-            sum_dy[c] = 0
-            sum_dy_xmu[c] = 0
-            for q in range(nq):
-                sum_dy[c] += p1[c * nq + q]
-                sum_dy_xmu[c] += p2[c * nq + q]
-    else:
-        for t in prange(p.nb * p.ntiles, schedule='static', num_threads=nt,
-                        use_threads_if=nt > 1):
-            _rows_bwd_task(dy, x, y, &p, t // p.ntiles, t % p.ntiles, mean, p1, p2)
-        for c in prange(C, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-            sum_dy[c] = 0
-            sum_dy_xmu[c] = 0
-            for q in range(p.nb):
-                sum_dy[c] += p1[q * C + c]
-                sum_dy_xmu[c] += p2[q * C + c]
-    free(p1)
+    ctx.p2 = ctx.p1 + nslots
+    ctx.r1 = sum_dy
+    ctx.r2 = sum_dy_xmu
+    _run(_bsums_task, ctx, ntasks, nt)
+    _run(_merge_sums_task, ctx, ctx.channels, nt)
+    free(ctx.p1)
+    ctx.p1 = ctx.p2 = NULL
     return 0
 
 
-cdef int _bwd_dx(const floating *dy, const floating *x, const floating *y, floating *dx,
-                 Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, const double *mean,
-                 const double *a, const double *k, const double *cc, int nthreads) noexcept nogil:
-    """dx = a*g - k*(x - mean) + cc per channel, g = dy (masked by y > 0 if y)."""
-    cdef Py_ssize_t npieces, t, s, c, i0, b, r0, r1, nsr, j, width, off, n
+cdef void _ncl_dx(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
+    cdef const floating *dy = <const floating *>ctx.dy
+    cdef const floating *y = <const floating *>ctx.y
+    cdef Py_ssize_t npieces = (ctx.inner + PIECE - 1) // PIECE
+    cdef Py_ssize_t s = t // npieces
+    cdef Py_ssize_t c = s % ctx.channels
+    cdef Py_ssize_t i0 = (t % npieces) * PIECE
+    cdef Py_ssize_t off = s * ctx.inner + i0
+    cdef Py_ssize_t n = min(PIECE, ctx.inner - i0)
     cdef floating mhi, mlo
-    cdef floating *lanes
-    cdef Rows p
-    cdef int nt = _nthreads(nthreads, O * C * I)
-    if I > 1:
-        npieces = (I + PIECE - 1) // PIECE
-        for t in prange(O * C * npieces, schedule='static', num_threads=nt,
-                        use_threads_if=nt > 1):
-            s = t // npieces
-            c = s % C
-            i0 = (t % npieces) * PIECE
-            off = s * I + i0
-            n = min(PIECE, I - i0)
-            # assigned here, not through a pointer, so that prange makes them thread-private
-            mhi = <floating>mean[c]
-            mlo = <floating>(mean[c] - <double>mhi)
-            if floating is float:
-                fbn_bwd_dx_float(dy + off, x + off, y + off if y != NULL else NULL, dx + off,
-                                 n, mhi, mlo, <float>a[c], <float>k[c], <float>cc[c])
-            else:
-                fbn_bwd_dx_double(dy + off, x + off, y + off if y != NULL else NULL, dx + off,
-                                  n, mhi, mlo, a[c], k[c], cc[c])
+    _split(ctx.mean[c], &mhi, &mlo)
+    if floating is float:
+        fbn_bwd_dx_float(dy + off, x + off, y + off if y != NULL else NULL,
+                         <float *>ctx.out + off, n, mhi, mlo, <float>ctx.a[c], <float>ctx.k[c],
+                         <float>ctx.c[c])
+    else:
+        fbn_bwd_dx_double(dy + off, x + off, y + off if y != NULL else NULL,
+                          <double *>ctx.out + off, n, mhi, mlo, ctx.a[c], ctx.k[c], ctx.c[c])
+
+
+cdef void _rows_dx(const floating *x, const Ctx *ctx, Py_ssize_t b) noexcept nogil:
+    # Task b: row block b. lanes = [mhi | mlo | a | k | c], each m*C wide.
+    cdef const floating *dy = <const floating *>ctx.dy
+    cdef const floating *y = <const floating *>ctx.y
+    cdef floating *dx = <floating *>ctx.out
+    cdef const Rows *p = &ctx.p
+    cdef const floating *L = <const floating *>ctx.lanes
+    cdef Py_ssize_t C = p.C, w = p.m * p.C
+    cdef Py_ssize_t r0 = b * p.rb
+    cdef Py_ssize_t r1 = min(p.R, r0 + p.rb)
+    cdef Py_ssize_t nsr = (r1 - r0) // p.m
+    cdef Py_ssize_t rl = r0 + nsr * p.m
+    cdef Py_ssize_t off = r0 * C, offl = rl * C
+    if floating is float:
+        fbn_bwd_dx_rows_float(dy + off, x + off, y + off if y != NULL else NULL, dx + off, nsr,
+                              w, w, L, L + w, L + 2 * w, L + 3 * w, L + 4 * w)
+        if rl < r1:
+            fbn_bwd_dx_rows_float(dy + offl, x + offl, y + offl if y != NULL else NULL,
+                                  dx + offl, r1 - rl, C, C, L, L + w, L + 2 * w, L + 3 * w,
+                                  L + 4 * w)
+    else:
+        fbn_bwd_dx_rows_double(dy + off, x + off, y + off if y != NULL else NULL, dx + off, nsr,
+                               w, w, L, L + w, L + 2 * w, L + 3 * w, L + 4 * w)
+        if rl < r1:
+            fbn_bwd_dx_rows_double(dy + offl, x + offl, y + offl if y != NULL else NULL,
+                                   dx + offl, r1 - rl, C, C, L, L + w, L + 2 * w, L + 3 * w,
+                                   L + 4 * w)
+
+
+cdef void _dx_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
+    if ctx.inner > 1:
+        if ctx.f32:
+            _ncl_dx(<const float *>ctx.x, ctx, t)
+        else:
+            _ncl_dx(<const double *>ctx.x, ctx, t)
+    else:
+        if ctx.f32:
+            _rows_dx(<const float *>ctx.x, ctx, t)
+        else:
+            _rows_dx(<const double *>ctx.x, ctx, t)
+
+
+cdef int _bwd_dx(Ctx *ctx, int nthreads) noexcept nogil:
+    """ctx.out = a*g - k*(x - mean) + c per channel, g = dy (masked by y > 0 if y)."""
+    cdef int nt = _nthreads(nthreads, ctx.outer * ctx.channels * ctx.inner)
+    cdef void *lanes
+    if ctx.inner > 1:
+        _run(_dx_task, ctx, ctx.outer * ctx.channels * ((ctx.inner + PIECE - 1) // PIECE), nt)
         return 0
-    p = _rows_partition(O, C, CL_CHUNK)
-    width = p.m * C
-    lanes = <floating *> malloc(5 * width * sizeof(floating))
+    ctx.p = _rows_partition(ctx.outer, ctx.channels, CL_CHUNK)
+    lanes = _make_lanes(ctx, 5)
     if lanes == NULL:
         return -1
-    for j in range(width):
-        _split(mean[j % C], lanes + j, lanes + width + j)
-    _replicate(lanes + 2 * width, a, C, width, 0)
-    _replicate(lanes + 3 * width, k, C, width, 0)
-    _replicate(lanes + 4 * width, cc, C, width, 0)
-    for b in prange(p.nb, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-        r0 = b * p.rb
-        r1 = min(O, r0 + p.rb)
-        nsr = (r1 - r0) // p.m
-        off = r0 * C
-        _dx_rows(dy + off, x + off, y + off if y != NULL else NULL, dx + off, nsr, width,
-                 width, lanes, width)
-        if r0 + nsr * p.m < r1:
-            off = (r0 + nsr * p.m) * C
-            _dx_rows(dy + off, x + off, y + off if y != NULL else NULL, dx + off,
-                     r1 - r0 - nsr * p.m, C, C, lanes, width)
+    ctx.lanes = lanes
+    _run(_dx_task, ctx, ctx.p.nb, nt)
     free(lanes)
+    ctx.lanes = NULL
     return 0
-
-
-cdef inline void _dx_rows(const floating *dy, const floating *x, const floating *y,
-                          floating *dx, Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t width,
-                          const floating *lanes, Py_ssize_t w) noexcept nogil:
-    # lanes: [mhi | mlo | a | k | c], each w long
-    if floating is float:
-        fbn_bwd_dx_rows_float(dy, x, y, dx, nrows, stride, width, lanes, lanes + w,
-                              lanes + 2 * w, lanes + 3 * w, lanes + 4 * w)
-    else:
-        fbn_bwd_dx_rows_double(dy, x, y, dx, nrows, stride, width, lanes, lanes + w,
-                               lanes + 2 * w, lanes + 3 * w, lanes + 4 * w)
 
 
 # --------------------------------------------------------------------------- Python entry points
-# Arrays are canonical (outer, C, inner) C-contiguous views; per-channel arrays are float64.
-# `weight`/`bias` may be None (gamma = 1, beta = 0); `y` may be None (no ReLU mask).
+# fastbn.functional validates every argument and hands over C-contiguous arrays: x-shaped arrays
+# hold outer * C * inner values of the canonical (outer, C, inner) view, per-channel arrays are
+# float64. The entry points take ndarrays and raw pointers rather than typed memoryviews because
+# acquiring seven buffers and dispatching a fused `def` costs ~4 us, which dominated small calls.
+# They still check dtype, contiguity and size (a few ns) so that misuse raises instead of reading
+# out of bounds. `weight`, `bias` and `y` may be None.
+
+cdef int _typenum(cnp.ndarray x) except -1:
+    cdef int t = cnp.PyArray_TYPE(x)
+    if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
+        raise TypeError(f"fastbn kernels: expected float32 or float64, got {x.dtype}")
+    return t
+
+
+cdef void *_data(object a, int typenum, Py_ssize_t size, str name) except NULL:
+    """Pointer to a C-contiguous array of `typenum` with `size` values (checked)."""
+    cdef cnp.ndarray arr
+    if not isinstance(a, cnp.ndarray):
+        raise TypeError(f"fastbn kernels: {name} must be an ndarray")
+    arr = <cnp.ndarray>a
+    if cnp.PyArray_TYPE(arr) != typenum or not cnp.PyArray_IS_C_CONTIGUOUS(arr):
+        raise ValueError(f"fastbn kernels: {name} must be C-contiguous {cnp.PyArray_DescrFromType(typenum)}")
+    if cnp.PyArray_SIZE(arr) != size:
+        raise ValueError(f"fastbn kernels: {name} must have {size} values, got {arr.size}")
+    return cnp.PyArray_DATA(arr)
+
+
+cdef void *_out(object a, int typenum, Py_ssize_t size, str name) except NULL:
+    cdef void *p = _data(a, typenum, size, name)
+    if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>a):
+        raise ValueError(f"fastbn kernels: {name} must be writable")
+    return p
+
+
+cdef inline const double *_opt(object a, Py_ssize_t C, str name) except? NULL:
+    if a is None:
+        return NULL
+    return <const double *>_data(a, cnp.NPY_FLOAT64, C, name)
+
 
 cdef inline double _invstd(double var, double eps) noexcept nogil:
     # A channel with var + eps == 0 (constant values, eps = 0) gets invstd = 0: x_hat and dx
@@ -553,141 +688,283 @@ cdef inline double _invstd(double var, double eps) noexcept nogil:
     return 1.0 / sqrt(v)
 
 
-def channel_stats(const floating[:, :, ::1] x, double[::1] mean, double[::1] m2,
-                  int nthreads):
-    """Per-channel mean and M2 = sum((x - mean)^2) of x (OUT mean, m2)."""
+cdef inline Ctx _ctx(bint f32, const void *x, void *out, Py_ssize_t O, Py_ssize_t C,
+                     Py_ssize_t I) noexcept nogil:
+    cdef Ctx ctx
+    memset(&ctx, 0, sizeof(Ctx))
+    ctx.f32 = f32
+    ctx.x = x
+    ctx.out = out
+    ctx.outer = O
+    ctx.channels = C
+    ctx.inner = I
+    return ctx
+
+
+cdef int _forward_train(Ctx *ctx, const double *w, const double *bb, double eps,
+                        double *stats, int nthreads) noexcept nogil:
+    # stats: OUT [mean | var | invstd], C each
+    cdef Py_ssize_t C = ctx.channels, c
+    cdef double n = <double>(ctx.outer * ctx.inner)
+    cdef double *buf = <double *> malloc(2 * C * sizeof(double))
     cdef int rc
-    if x.shape[0] * x.shape[2] == 0:
-        mean[:] = 0
-        m2[:] = 0
-        return
-    with nogil:
-        rc = _stats(&x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2], &mean[0], &m2[0],
-                    nthreads)
-    if rc:
-        raise MemoryError("fastbn: out of memory for the partial statistics")
+    if buf == NULL:
+        return -1
+    rc = _stats(ctx, stats, stats + C, nthreads)
+    if rc == 0:
+        for c in range(C):
+            stats[C + c] = stats[C + c] / n
+            stats[2 * C + c] = _invstd(stats[C + c], eps)
+            buf[c] = stats[2 * C + c] * (w[c] if w != NULL else 1.0)
+            buf[C + c] = bb[c] if bb != NULL else 0.0
+        ctx.mean = stats
+        ctx.a = buf
+        ctx.k = buf + C
+        rc = _normalize(ctx, nthreads)
+    free(buf)
+    return rc
 
 
-def forward_train(const floating[:, :, ::1] x, floating[:, :, ::1] y,
-                  const double[::1] weight, const double[::1] bias, double eps, bint relu,
-                  double[::1] mean, double[::1] var, double[::1] invstd, int nthreads):
-    """Training forward: batch statistics, then y = (x - mean) * invstd * weight + bias.
+cdef int _normalize_given(Ctx *ctx, const double *mean, const double *invstd, const double *w,
+                          const double *bb, int nthreads) noexcept nogil:
+    cdef Py_ssize_t C = ctx.channels, c
+    cdef double *buf = <double *> malloc(2 * C * sizeof(double))
+    cdef int rc
+    if buf == NULL:
+        return -1
+    for c in range(C):
+        buf[c] = invstd[c] * (w[c] if w != NULL else 1.0)
+        buf[C + c] = bb[c] if bb != NULL else 0.0
+    ctx.mean = mean
+    ctx.a = buf
+    ctx.k = buf + C
+    rc = _normalize(ctx, nthreads)
+    free(buf)
+    return rc
 
-    IN x, weight, bias; OUT y (may be x itself), mean, var (biased), invstd.
-    """
-    cdef Py_ssize_t O = x.shape[0], C = x.shape[1], I = x.shape[2], c
-    cdef double n = <double>(O * I)
-    cdef int rc = 0
-    cdef double *buf
-    cdef const double *w = &weight[0] if weight is not None else NULL
-    cdef const double *bb = &bias[0] if bias is not None else NULL
-    with nogil:
-        buf = <double *> malloc(2 * C * sizeof(double))
-        if buf == NULL:
-            rc = -1
+
+cdef int _dx_given(Ctx *ctx, const double *mean, const double *invstd, const double *w,
+                   const double *sum_dy, const double *sum_dy_xmu, double count, bint training,
+                   int nthreads) noexcept nogil:
+    cdef Py_ssize_t C = ctx.channels, c
+    cdef double *buf = <double *> malloc(3 * C * sizeof(double))
+    cdef double a
+    cdef int rc
+    if buf == NULL:
+        return -1
+    for c in range(C):
+        a = invstd[c] * (w[c] if w != NULL else 1.0)
+        buf[c] = a
+        if training and count > 0:
+            buf[C + c] = a * invstd[c] * invstd[c] * sum_dy_xmu[c] / count
+            buf[2 * C + c] = -a * sum_dy[c] / count
         else:
-            rc = _stats(&x[0, 0, 0], O, C, I, &mean[0], &var[0], nthreads)
-        if rc == 0:
-            for c in range(C):
-                var[c] = var[c] / n
-                invstd[c] = _invstd(var[c], eps)
-                buf[c] = invstd[c] * (w[c] if w != NULL else 1.0)
-                buf[C + c] = bb[c] if bb != NULL else 0.0
-            rc = _normalize(&x[0, 0, 0], &y[0, 0, 0], O, C, I, &mean[0], buf, buf + C, relu,
-                            nthreads)
-        free(buf)
-    if rc:
-        raise MemoryError("fastbn: out of memory for kernel workspace")
+            buf[C + c] = 0
+            buf[2 * C + c] = 0
+    ctx.mean = mean
+    ctx.a = buf
+    ctx.k = buf + C
+    ctx.c = buf + 2 * C
+    rc = _bwd_dx(ctx, nthreads)
+    free(buf)
+    return rc
 
 
-def normalize(const floating[:, :, ::1] x, floating[:, :, ::1] y, const double[::1] mean,
-              const double[::1] invstd, const double[::1] weight, const double[::1] bias,
-              bint relu, int nthreads):
-    """y = (x - mean) * invstd * weight + bias (then ReLU), for given statistics.
+def _oom():
+    raise MemoryError("fastbn: out of memory for the kernel workspace")
 
-    IN x, mean, invstd, weight, bias; OUT y (may be x itself).
-    """
-    cdef Py_ssize_t O = x.shape[0], C = x.shape[1], I = x.shape[2], c
+
+def channel_stats(cnp.ndarray x, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, out, int nthreads):
+    """Per-channel mean and M2 = sum((x - mean)^2). IN x; OUT out = [mean | M2] (2*C float64)."""
+    cdef int t = _typenum(x)
+    cdef Py_ssize_t n = O * C * I
+    cdef const void *xp = _data(x, t, n, "x")
+    cdef double *o = <double *>_out(out, cnp.NPY_FLOAT64, 2 * C, "out")
     cdef int rc = 0
-    cdef double *buf
-    cdef const double *w = &weight[0] if weight is not None else NULL
-    cdef const double *bb = &bias[0] if bias is not None else NULL
+    cdef Py_ssize_t c
     if O * I == 0:
+        for c in range(2 * C):
+            o[c] = 0
+        return
+    cdef Ctx ctx = _ctx(t == cnp.NPY_FLOAT32, xp, NULL, O, C, I)
+    with nogil:
+        rc = _stats(&ctx, o, o + C, nthreads)
+    if rc:
+        _oom()
+
+
+def forward_train(cnp.ndarray x, y, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, weight, bias,
+                  double eps, bint relu, stats, int nthreads):
+    """Training forward: y = (x - mean) * invstd * weight + bias (then ReLU), batch statistics.
+
+    IN x, weight, bias (or None); OUT y (may be x), stats = [mean | var (biased) | invstd].
+    """
+    cdef int t = _typenum(x)
+    cdef Py_ssize_t n = O * C * I
+    cdef const void *xp = _data(x, t, n, "x")
+    cdef void *yp = _out(y, t, n, "y")
+    cdef double *sp = <double *>_out(stats, cnp.NPY_FLOAT64, 3 * C, "stats")
+    cdef const double *wp = _opt(weight, C, "weight")
+    cdef const double *bp = _opt(bias, C, "bias")
+    cdef int rc
+    cdef Ctx ctx = _ctx(t == cnp.NPY_FLOAT32, xp, yp, O, C, I)
+    ctx.relu = relu
+    with nogil:
+        rc = _forward_train(&ctx, wp, bp, eps, sp, nthreads)
+    if rc:
+        _oom()
+
+
+def normalize(cnp.ndarray x, y, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, mean, invstd, weight,
+              bias, bint relu, int nthreads):
+    """y = (x - mean) * invstd * weight + bias (then ReLU) for given statistics.
+
+    IN x, mean, invstd, weight, bias (or None); OUT y (may be x).
+    """
+    cdef int t = _typenum(x)
+    cdef Py_ssize_t n = O * C * I
+    cdef const void *xp = _data(x, t, n, "x")
+    cdef void *yp = _out(y, t, n, "y")
+    cdef const double *mp = <const double *>_data(mean, cnp.NPY_FLOAT64, C, "mean")
+    cdef const double *ip = <const double *>_data(invstd, cnp.NPY_FLOAT64, C, "invstd")
+    cdef const double *wp = _opt(weight, C, "weight")
+    cdef const double *bp = _opt(bias, C, "bias")
+    cdef int rc
+    if n == 0:
+        return
+    cdef Ctx ctx = _ctx(t == cnp.NPY_FLOAT32, xp, yp, O, C, I)
+    ctx.relu = relu
+    with nogil:
+        rc = _normalize_given(&ctx, mp, ip, wp, bp, nthreads)
+    if rc:
+        _oom()
+
+
+def normalize_running(cnp.ndarray x, y, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, mean, var,
+                      double eps, weight, bias, bint relu, int nthreads):
+    """Inference forward: normalize with invstd = 1/sqrt(var + eps) (0 where var + eps == 0).
+
+    IN x, mean, var (running statistics), weight, bias (or None); OUT y (may be x).
+    """
+    cdef int t = _typenum(x)
+    cdef Py_ssize_t n = O * C * I
+    cdef const void *xp = _data(x, t, n, "x")
+    cdef void *yp = _out(y, t, n, "y")
+    cdef const double *mp = <const double *>_data(mean, cnp.NPY_FLOAT64, C, "mean")
+    cdef const double *vp = <const double *>_data(var, cnp.NPY_FLOAT64, C, "var")
+    cdef const double *wp = _opt(weight, C, "weight")
+    cdef const double *bp = _opt(bias, C, "bias")
+    cdef Ctx ctx = _ctx(t == cnp.NPY_FLOAT32, xp, yp, O, C, I)
+    cdef double *inv
+    cdef Py_ssize_t c
+    cdef int rc = -1
+    ctx.relu = relu
+    if n == 0:
         return
     with nogil:
-        buf = <double *> malloc(2 * C * sizeof(double))
-        if buf == NULL:
-            rc = -1
-        else:
+        inv = <double *> malloc(C * sizeof(double))
+        if inv != NULL:
             for c in range(C):
-                buf[c] = invstd[c] * (w[c] if w != NULL else 1.0)
-                buf[C + c] = bb[c] if bb != NULL else 0.0
-            rc = _normalize(&x[0, 0, 0], &y[0, 0, 0], O, C, I, &mean[0], buf, buf + C, relu,
-                            nthreads)
-        free(buf)
+                inv[c] = _invstd(vp[c], eps)
+            rc = _normalize_given(&ctx, mp, inv, wp, bp, nthreads)
+            free(inv)
     if rc:
-        raise MemoryError("fastbn: out of memory for kernel workspace")
+        _oom()
 
 
-def backward_sums(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
-                  const floating[:, :, ::1] y, const double[::1] mean, double[::1] sum_dy,
-                  double[::1] sum_dy_xmu, int nthreads):
+def backward_sums(cnp.ndarray dy, x, y, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, mean, out,
+                  int nthreads):
     """Per channel: sum(g) and sum(g * (x - mean)), g = dy masked by y > 0 when y is given.
 
-    IN dy, x, y (or None), mean; OUT sum_dy, sum_dy_xmu.
+    IN dy, x, y (or None), mean; OUT out = [sum(g) | sum(g * (x - mean))] (2*C float64).
     """
+    cdef int t = _typenum(dy)
+    cdef Py_ssize_t n = O * C * I
+    cdef const void *dyp = _data(dy, t, n, "dy")
+    cdef const void *xp = _data(x, t, n, "x")
+    cdef const void *ym = _data(y, t, n, "y") if y is not None else NULL
+    cdef const double *mp = <const double *>_data(mean, cnp.NPY_FLOAT64, C, "mean")
+    cdef double *o = <double *>_out(out, cnp.NPY_FLOAT64, 2 * C, "out")
     cdef int rc
-    cdef const floating *yp
-    if x.shape[0] * x.shape[2] == 0:
-        sum_dy[:] = 0
-        sum_dy_xmu[:] = 0
+    cdef Py_ssize_t c
+    if O * I == 0:
+        for c in range(2 * C):
+            o[c] = 0
         return
-    yp = &y[0, 0, 0] if y is not None else NULL
+    cdef Ctx ctx = _ctx(t == cnp.NPY_FLOAT32, xp, NULL, O, C, I)
+    ctx.dy = dyp
+    ctx.y = ym
+    ctx.mean = mp
     with nogil:
-        rc = _bwd_sums_all(&dy[0, 0, 0], &x[0, 0, 0], yp, x.shape[0], x.shape[1], x.shape[2],
-                           &mean[0], &sum_dy[0], &sum_dy_xmu[0], nthreads)
+        rc = _bwd_sums(&ctx, o, o + C, nthreads)
     if rc:
-        raise MemoryError("fastbn: out of memory for the partial sums")
+        _oom()
 
 
-def backward_dx(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
-                const floating[:, :, ::1] y, floating[:, :, ::1] dx, const double[::1] mean,
-                const double[::1] invstd, const double[::1] weight, const double[::1] sum_dy,
-                const double[::1] sum_dy_xmu, double count, bint training, int nthreads):
-    """dx of batch norm from the per-channel sums of backward_sums over `count` values.
+def backward_dx(cnp.ndarray dy, x, y, dx, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, mean,
+                invstd, weight, sum_dy, sum_dy_xmu, double count, bint training, int nthreads):
+    """dx of batch norm from per-channel sums (see backward_sums) over `count` values.
 
     training: dx = a*(g - sum_dy/count - x_hat*invstd*sum_dy_xmu/count), a = weight*invstd;
     inference (statistics were constants): dx = a*g.
-    IN dy, x, y (or None), mean, invstd, weight (or None), sums; OUT dx (may be dy itself).
+    IN dy, x, y (or None), mean, invstd, weight (or None), sums; OUT dx (may be dy).
     """
-    cdef Py_ssize_t O = x.shape[0], C = x.shape[1], I = x.shape[2], c
-    cdef int rc = 0
-    cdef double *buf
-    cdef double a
-    cdef const double *w = &weight[0] if weight is not None else NULL
-    cdef const floating *yp
-    if O * I == 0:
+    cdef int t = _typenum(dy)
+    cdef Py_ssize_t n = O * C * I
+    cdef const void *dyp = _data(dy, t, n, "dy")
+    cdef const void *xp = _data(x, t, n, "x")
+    cdef const void *ym = _data(y, t, n, "y") if y is not None else NULL
+    cdef void *dxp = _out(dx, t, n, "dx")
+    cdef const double *mp = <const double *>_data(mean, cnp.NPY_FLOAT64, C, "mean")
+    cdef const double *ip = <const double *>_data(invstd, cnp.NPY_FLOAT64, C, "invstd")
+    cdef const double *wp = _opt(weight, C, "weight")
+    cdef const double *s1 = <const double *>_data(sum_dy, cnp.NPY_FLOAT64, C, "sum_dy")
+    cdef const double *s2 = <const double *>_data(sum_dy_xmu, cnp.NPY_FLOAT64, C, "sum_dy_xmu")
+    cdef int rc
+    if n == 0:
         return
-    yp = &y[0, 0, 0] if y is not None else NULL
+    cdef Ctx ctx = _ctx(t == cnp.NPY_FLOAT32, xp, dxp, O, C, I)
+    ctx.dy = dyp
+    ctx.y = ym
     with nogil:
-        buf = <double *> malloc(3 * C * sizeof(double))
-        if buf == NULL:
-            rc = -1
-        else:
-            for c in range(C):
-                a = invstd[c] * (w[c] if w != NULL else 1.0)
-                buf[c] = a
-                if training and count > 0:
-                    buf[C + c] = a * invstd[c] * invstd[c] * sum_dy_xmu[c] / count
-                    buf[2 * C + c] = -a * sum_dy[c] / count
-                else:
-                    buf[C + c] = 0
-                    buf[2 * C + c] = 0
-            rc = _bwd_dx(&dy[0, 0, 0], &x[0, 0, 0], yp, &dx[0, 0, 0], O, C, I, &mean[0], buf,
-                         buf + C, buf + 2 * C, nthreads)
-        free(buf)
+        rc = _dx_given(&ctx, mp, ip, wp, s1, s2, count, training, nthreads)
     if rc:
-        raise MemoryError("fastbn: out of memory for kernel workspace")
+        _oom()
+
+
+def backward(cnp.ndarray dy, x, y, dx, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, mean, invstd,
+             weight, bint training, sums, int nthreads):
+    """backward_sums then backward_dx over this batch, in one call.
+
+    IN dy, x, y (or None), mean, invstd, weight (or None); OUT dx (may be dy),
+    sums = [sum(g) | sum(g * (x - mean))] (2*C float64).
+    """
+    cdef int t = _typenum(dy)
+    cdef Py_ssize_t n = O * C * I
+    cdef const void *dyp = _data(dy, t, n, "dy")
+    cdef const void *xp = _data(x, t, n, "x")
+    cdef const void *ym = _data(y, t, n, "y") if y is not None else NULL
+    cdef void *dxp = _out(dx, t, n, "dx")
+    cdef const double *mp = <const double *>_data(mean, cnp.NPY_FLOAT64, C, "mean")
+    cdef const double *ip = <const double *>_data(invstd, cnp.NPY_FLOAT64, C, "invstd")
+    cdef const double *wp = _opt(weight, C, "weight")
+    cdef double *sp = <double *>_out(sums, cnp.NPY_FLOAT64, 2 * C, "sums")
+    cdef int rc
+    cdef Py_ssize_t c
+    if n == 0:
+        for c in range(2 * C):
+            sp[c] = 0
+        return
+    cdef Ctx ctx = _ctx(t == cnp.NPY_FLOAT32, xp, dxp, O, C, I)
+    ctx.dy = dyp
+    ctx.y = ym
+    ctx.mean = mp
+    with nogil:
+        rc = _bwd_sums(&ctx, sp, sp + C, nthreads)
+        if rc == 0:
+            rc = _dx_given(&ctx, mp, ip, wp, sp, sp + C, <double>(O * I), training, nthreads)
+    if rc:
+        _oom()
 
 
 def stream_copy(const unsigned char[::1] src, unsigned char[::1] dst, int nthreads):
@@ -701,6 +978,8 @@ def stream_copy(const unsigned char[::1] src, unsigned char[::1] dst, int nthrea
     cdef int nt = _nthreads(nthreads, n // 4)
     if n == 0:
         return
+    if dst.shape[0] != n:
+        raise ValueError(f"stream_copy: dst must have {n} bytes, got {dst.shape[0]}")
     with nogil:
         for t in prange(npieces, schedule='static', num_threads=nt, use_threads_if=nt > 1):
             off = t << 20

@@ -15,6 +15,7 @@ computed in float32 and the output is returned as float16. ``mean`` and ``invstd
 as float64 whatever the input dtype: they are what the kernels accumulated, and handing them back
 at full precision keeps the backward accurate when |mean| >> std.
 """
+import math
 import operator
 
 import numpy as np
@@ -37,6 +38,8 @@ __all__ = [
 
 _ACTIVATIONS = (None, "relu")
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
 
 
 # --------------------------------------------------------------------------- validation
@@ -99,7 +102,9 @@ def _check_channel(a, name, C, *, writable=False):
 
 
 def _f64(a):
-    return None if a is None else np.ascontiguousarray(a, dtype=np.float64)
+    if a is None or (a.dtype == _F64 and a.flags.c_contiguous):
+        return a
+    return np.ascontiguousarray(a, dtype=_F64)
 
 
 def _check_eps(eps):
@@ -107,7 +112,7 @@ def _check_eps(eps):
         eps = float(eps)
     except (TypeError, ValueError):
         raise TypeError(f"eps: expected a non-negative float, got {type(eps).__name__}") from None
-    if not (eps >= 0 and np.isfinite(eps)):
+    if not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"eps: expected a finite non-negative float, got {eps}")
     return eps
 
@@ -145,57 +150,52 @@ def _check_out(out, x):
 # --------------------------------------------------------------------------- layout
 
 class _Layout:
-    """How x maps onto the canonical (outer, C, inner) C-contiguous view."""
+    """How x maps onto the kernels' canonical (outer, C, inner) C-contiguous order."""
 
-    __slots__ = ("perm", "inv", "shape3", "copied")
+    __slots__ = ("perm", "inv", "shape", "O", "C", "I")
 
     def __init__(self, x, ax):
         perm = None
-        copied = False
+        shape = x.shape
+        p = ax
         if not x.flags.c_contiguous:
             # A permutation of the axes by decreasing stride makes Fortran-ordered and
-            # channels_last-strided arrays C-contiguous without a copy.
+            # channels_last-strided arrays C-contiguous without a copy; other layouts are
+            # copied to C order (perm stays None).
             order = sorted(range(x.ndim), key=lambda i: -abs(x.strides[i]))
             if x.transpose(order).flags.c_contiguous:
                 perm = tuple(order)
-            else:
-                copied = True
-        shape = x.shape if perm is None else tuple(x.shape[i] for i in perm)
-        p = ax if perm is None else perm.index(ax)
-        outer = 1
-        for s in shape[:p]:
-            outer *= s
-        inner = 1
-        for s in shape[p + 1:]:
-            inner *= s
+                shape = tuple(x.shape[i] for i in perm)
+                p = perm.index(ax)
         self.perm = perm
-        self.inv = None if perm is None else tuple(np.argsort(perm))
-        self.shape3 = (outer, shape[p], inner)
-        self.copied = copied
+        self.inv = None if perm is None else tuple(int(i) for i in np.argsort(perm))
+        self.shape = shape
+        self.O = math.prod(shape[:p])
+        self.C = shape[p]
+        self.I = math.prod(shape[p + 1:])
 
-    def view(self, a):
-        """The canonical view of a (an array shaped like x), copying when there is none."""
+    def canon(self, a):
+        """a (shaped like x) in canonical order, C-contiguous: a view, or a copy if none exists."""
         t = a if self.perm is None else a.transpose(self.perm)
-        if not t.flags.c_contiguous:
-            t = np.ascontiguousarray(t)
-        return t.reshape(self.shape3)
+        return t if t.flags.c_contiguous else np.ascontiguousarray(t)
 
     def direct(self, a):
-        """The canonical view of a if a has it without a copy, else None."""
+        """a in canonical order if that is a C-contiguous view of it, else None."""
         t = a if self.perm is None else a.transpose(self.perm)
-        return t.reshape(self.shape3) if t.flags.c_contiguous else None
+        return t if t.flags.c_contiguous else None
 
-    def empty(self, shape, dtype):
-        """A new array of x's shape, in x's layout; returns (array, canonical view)."""
-        if self.perm is None:
-            a = np.empty(shape, dtype)
-            return a, a.reshape(self.shape3)
-        t = np.empty(tuple(shape[i] for i in self.perm), dtype)
-        return t.transpose(self.inv), t.reshape(self.shape3)
+    def empty(self, dtype):
+        """A new array shaped like x, in x's layout: (the array, its canonical view)."""
+        t = np.empty(self.shape, dtype)
+        return (t, t) if self.perm is None else (t.transpose(self.inv), t)
+
+    def to_user(self, t):
+        """A canonical-order array viewed in x's axis order."""
+        return t if self.perm is None else t.transpose(self.inv)
 
 
 def _compute_dtype(dtype):
-    return np.dtype(np.float32) if dtype == np.float16 else dtype
+    return _F32 if dtype.char == "e" else dtype
 
 
 def _same_view(a, b):
@@ -214,15 +214,13 @@ class _Output:
         cdt = _compute_dtype(x.dtype)
         self._final = None
         if out is None:
-            if cdt == x.dtype:
-                self.result, self.target = layout.empty(x.shape, x.dtype)
-                return
-            self.result, _ = layout.empty(x.shape, x.dtype)
-            self._final = self.result
-            self.target = np.empty(layout.shape3, cdt)
+            self.result, self.target = layout.empty(x.dtype)
+            if cdt is not x.dtype:  # float16: compute in float32, cast at the end
+                self._final = self.result
+                self.target = np.empty(layout.shape, cdt)
             return
         self.result = out
-        direct = layout.direct(out) if cdt == x.dtype else None
+        direct = layout.direct(out) if cdt is x.dtype else None
         if direct is not None:
             # Writing straight into out is safe when it is exactly one of the inputs (the
             # kernels are elementwise in their last pass) or overlaps none of them.
@@ -234,27 +232,21 @@ class _Output:
             self.target = direct
         else:
             self._final = out
-            self.target = np.empty(layout.shape3, cdt)
+            self.target = np.empty(layout.shape, cdt)
 
     def finish(self, layout):
         if self._final is not None:
-            if layout.perm is None:
-                np.copyto(self._final, self.target.reshape(self._final.shape), casting="unsafe")
-            else:
-                shape = tuple(self._final.shape[i] for i in layout.perm)
-                t = self.target.reshape(shape).transpose(layout.inv)
-                np.copyto(self._final, t, casting="unsafe")
+            np.copyto(self._final, layout.to_user(self.target), casting="unsafe")
         return self.result
 
 
 def _kernel_view(layout, a, cdt):
-    v = layout.view(a)
-    return v if v.dtype == cdt else v.astype(cdt)
+    v = layout.canon(a)
+    return v if v.dtype is cdt else v.astype(cdt)
 
 
 def _training_count(layout, x):
-    outer, C, inner = layout.shape3
-    n = outer * inner
+    n = layout.O * layout.I
     if n <= 1:
         raise ValueError(
             f"x: expected more than 1 value per channel when training, got input shape "
@@ -274,18 +266,17 @@ def channel_moments(x, *, axis=1):
     layout = _Layout(x, ax)
     cdt = _compute_dtype(x.dtype)
     x3 = _kernel_view(layout, x, cdt)
-    C = layout.shape3[1]
-    mean = np.empty(C)
-    m2 = np.empty(C)
-    _kernels.channel_stats(x3, mean, m2, get_num_threads())
-    return layout.shape3[0] * layout.shape3[2], mean, m2
+    C = layout.C
+    out = np.empty(2 * C)
+    _kernels.channel_stats(x3, layout.O, C, layout.I, out, get_num_threads())
+    return layout.O * layout.I, out[:C], out[C:]
 
 
 def normalize(x, mean, invstd, weight=None, bias=None, *, axis=1, activation=None, out=None):
     """y = (x - mean) * invstd * weight + bias per channel (then ReLU), for given statistics."""
     x, ax = _check_x(x, axis)
     layout = _Layout(x, ax)
-    C = layout.shape3[1]
+    C = layout.C
     mean = _check_channel(mean, "mean", C)
     invstd = _check_channel(invstd, "invstd", C)
     weight = _check_channel(weight, "weight", C)
@@ -299,7 +290,8 @@ def _normalize(x, layout, mean, invstd, weight, bias, relu, out):
     cdt = _compute_dtype(x.dtype)
     x3 = _kernel_view(layout, x, cdt)
     dest = _Output(layout, x, out, (x,))
-    _kernels.normalize(x3, dest.target, mean, invstd, weight, bias, relu, get_num_threads())
+    _kernels.normalize(x3, dest.target, layout.O, layout.C, layout.I, mean, invstd, weight, bias,
+                       relu, get_num_threads())
     return dest.finish(layout)
 
 
@@ -307,7 +299,7 @@ def backward_sums(dy, x, mean, *, axis=1, activation=None, y=None):
     """Per channel: (count, sum(g), sum(g * (x - mean))) with g = dy, or dy masked by y > 0."""
     x, ax = _check_x(x, axis)
     layout = _Layout(x, ax)
-    C = layout.shape3[1]
+    C = layout.C
     dy = _check_like(dy, "dy", x)
     mean = _check_channel(mean, "mean", C)
     relu = _check_activation(activation)
@@ -326,14 +318,13 @@ def _check_relu_y(y, x, relu):
 
 def _backward_sums(dy, x, y, layout, mean):
     cdt = _compute_dtype(x.dtype)
-    C = layout.shape3[1]
+    C = layout.C
     x3 = _kernel_view(layout, x, cdt)
     dy3 = _kernel_view(layout, dy, cdt)
     y3 = None if y is None else _kernel_view(layout, y, cdt)
-    s1 = np.empty(C)
-    s2 = np.empty(C)
-    _kernels.backward_sums(dy3, x3, y3, mean, s1, s2, get_num_threads())
-    return layout.shape3[0] * layout.shape3[2], s1, s2, (dy3, x3, y3)
+    sums = np.empty(2 * C)
+    _kernels.backward_sums(dy3, x3, y3, layout.O, C, layout.I, mean, sums, get_num_threads())
+    return layout.O * layout.I, sums[:C], sums[C:], (dy3, x3, y3)
 
 
 def backward_dx(dy, x, mean, invstd, sum_dy, sum_dy_xmu, count, weight=None, *, axis=1,
@@ -341,7 +332,7 @@ def backward_dx(dy, x, mean, invstd, sum_dy, sum_dy_xmu, count, weight=None, *, 
     """dx of batch norm from per-channel sums (see backward_sums) taken over ``count`` values."""
     x, ax = _check_x(x, axis)
     layout = _Layout(x, ax)
-    C = layout.shape3[1]
+    C = layout.C
     dy = _check_like(dy, "dy", x)
     mean = _check_channel(mean, "mean", C)
     invstd = _check_channel(invstd, "invstd", C)
@@ -360,8 +351,8 @@ def backward_dx(dy, x, mean, invstd, sum_dy, sum_dy_xmu, count, weight=None, *, 
 def _backward_dx(x, layout, views, mean, invstd, weight, s1, s2, count, training):
     dy3, x3, y3 = views
     dest = _Output(layout, x, None, ())
-    _kernels.backward_dx(dy3, x3, y3, dest.target, mean, invstd, weight, s1, s2, count,
-                         training, get_num_threads())
+    _kernels.backward_dx(dy3, x3, y3, dest.target, layout.O, layout.C, layout.I, mean, invstd,
+                         weight, s1, s2, count, training, get_num_threads())
     return dest.finish(layout)
 
 
@@ -421,7 +412,7 @@ def forward_with_stats(x, weight=None, bias=None, *, axis=1, eps=1e-5, activatio
     """
     x, ax = _check_x(x, axis)
     layout = _Layout(x, ax)
-    C = layout.shape3[1]
+    C = layout.C
     weight = _check_channel(weight, "weight", C)
     bias = _check_channel(bias, "bias", C)
     eps = _check_eps(eps)
@@ -433,15 +424,13 @@ def forward_with_stats(x, weight=None, bias=None, *, axis=1, eps=1e-5, activatio
 
 def _forward_train(x, layout, weight, bias, eps, relu, out):
     cdt = _compute_dtype(x.dtype)
-    C = layout.shape3[1]
+    C = layout.C
     x3 = _kernel_view(layout, x, cdt)
     dest = _Output(layout, x, out, (x,))
-    mean = np.empty(C)
-    var = np.empty(C)
-    invstd = np.empty(C)
-    _kernels.forward_train(x3, dest.target, weight, bias, eps, relu, mean, var, invstd,
+    stats = np.empty(3 * C)
+    _kernels.forward_train(x3, dest.target, layout.O, C, layout.I, weight, bias, eps, relu, stats,
                            get_num_threads())
-    return dest.finish(layout), mean, invstd, var
+    return dest.finish(layout), stats[:C], stats[2 * C:], stats[C:2 * C]
 
 
 def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=True,
@@ -457,7 +446,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     """
     x, ax = _check_x(x, axis)
     layout = _Layout(x, ax)
-    C = layout.shape3[1]
+    C = layout.C
     dy = _check_like(dy, "dy", x)
     mean = _check_channel(mean, "mean", C)
     invstd = _check_channel(invstd, "invstd", C)
@@ -466,13 +455,15 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     y = _check_relu_y(y, x, relu)
     if training:
         _training_count(layout, x)
-    mean = _f64(mean)
-    invstd = _f64(invstd)
-    count, s1, s2, views = _backward_sums(dy, x, y, layout, mean)
-    dx = _backward_dx(x, layout, views, mean, invstd, _f64(weight), s1, s2, float(count),
-                      bool(training))
     cdt = _compute_dtype(x.dtype)
-    return dx, (s2 * invstd).astype(cdt, copy=False), s1.astype(cdt, copy=False)
+    dest = _Output(layout, x, None, ())
+    sums = np.empty(2 * C)
+    _kernels.backward(_kernel_view(layout, dy, cdt), _kernel_view(layout, x, cdt),
+                      None if y is None else _kernel_view(layout, y, cdt), dest.target,
+                      layout.O, C, layout.I, _f64(mean), _f64(invstd), _f64(weight),
+                      bool(training), sums, get_num_threads())
+    dx = dest.finish(layout)
+    return dx, (sums[C:] * invstd).astype(cdt, copy=False), sums[:C].astype(cdt, copy=False)
 
 
 def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, *, training=True,
@@ -485,7 +476,7 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, *
     """
     x, ax = _check_x(x, axis)
     layout = _Layout(x, ax)
-    C = layout.shape3[1]
+    C = layout.C
     weight = _check_channel(weight, "weight", C)
     bias = _check_channel(bias, "bias", C)
     running_mean = _check_channel(running_mean, "running_mean", C, writable=training)
@@ -514,6 +505,9 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, *
             "running_mean, running_var: expected both arrays when training=False, got "
             f"{type(running_mean).__name__} and {type(running_var).__name__}"
         )
-    invstd = invstd_from_var(_f64(running_var), eps)
-    return _normalize(x, layout, _f64(running_mean), invstd, _f64(weight), _f64(bias), relu,
-                      out)
+    cdt = _compute_dtype(x.dtype)
+    dest = _Output(layout, x, out, (x,))
+    _kernels.normalize_running(_kernel_view(layout, x, cdt), dest.target, layout.O, C, layout.I,
+                               _f64(running_mean), _f64(running_var), eps, _f64(weight),
+                               _f64(bias), relu, get_num_threads())
+    return dest.finish(layout)
