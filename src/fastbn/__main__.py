@@ -148,8 +148,10 @@ def report():
         reparam = None
     if reparam is not None and hasattr(reparam, "report_lines"):
         p("")
-        p("Batch norm as a reparameterisation of the weights (Kohler et al.), float64:")
-        out.extend("  " + line for line in reparam.report_lines())
+        p("Batch norm as a reparameterisation of the weights (Kohler et al.):")
+        lines = reparam.report_lines()
+        ok = ok and not any("MISMATCH" in line for line in lines)
+        out.extend("  " + line for line in lines)
     return "\n".join(out), ok
 
 
