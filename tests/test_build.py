@@ -1,0 +1,90 @@
+"""The build's OpenMP detection: a compiler without OpenMP gives serial kernels (or an error).
+
+These tests build the extension from the source tree with a compiler wrapper that rejects
+-fopenmp, the situation of a machine without libgomp/libomp. They need the source checkout
+(setup.py beside tests/) and a C compiler.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CC = shutil.which("cc") or shutil.which("gcc")
+
+pytestmark = [
+    pytest.mark.skipif(not (ROOT / "setup.py").exists(), reason="needs the source checkout"),
+    pytest.mark.skipif(CC is None or sys.platform == "win32", reason="needs a Unix C compiler"),
+]
+
+
+@pytest.fixture(scope="module")
+def no_openmp_cc(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cc")
+    wrapper = d / "cc-no-openmp"
+    wrapper.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        for a in "$@"; do
+          case "$a" in *openmp*) [ "$a" = "-fopenmp-simd" ] || {{ echo "no OpenMP here" >&2; exit 1; }};; esac
+        done
+        exec {CC} "$@"
+        """))
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def build(tmp_path, cc, **env):
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "src", src, ignore=shutil.ignore_patterns("*.so", "*.c", "*.html",
+                                                                     "__pycache__"))
+    shutil.copy(ROOT / "setup.py", tmp_path)
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    shutil.copy(ROOT / "README.md", tmp_path)
+    e = dict(os.environ, CC=cc, LDSHARED=f"{cc} -shared", **env)
+    return subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path, env=e,
+        capture_output=True, text=True, timeout=600,
+    )
+
+
+def test_missing_openmp_is_an_error_when_asked(tmp_path, no_openmp_cc):
+    r = build(tmp_path, no_openmp_cc, FASTBN_FAIL_NO_OPENMP="1")
+    assert r.returncode != 0
+    assert "could not compile and run an OpenMP program" in r.stdout + r.stderr
+
+
+def test_missing_openmp_builds_serial_kernels_with_identical_results(tmp_path, no_openmp_cc):
+    r = build(tmp_path, no_openmp_cc)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "building serial kernels" in r.stdout + r.stderr
+    rng = np.random.default_rng(0)
+    x = (5 + rng.standard_normal((9, 70, 301))).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    script = textwrap.dedent("""\
+        import sys, numpy as np, fastbn
+        x = np.load(sys.argv[1])
+        y, m, s = fastbn.batch_norm_forward(x)
+        dx, dw, db = fastbn.batch_norm_backward(x, x, m, s)
+        print(fastbn.openmp_enabled())
+        np.savez(sys.argv[2], y=y, m=m, s=s, dx=dx, dw=dw, db=db)
+        """)
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "x.npy"), str(tmp_path / "r.npz")],
+        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(tmp_path / "src")),
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+    serial = np.load(tmp_path / "r.npz")
+    import fastbn
+
+    y, m, s = fastbn.batch_norm_forward(x)
+    dx, dw, db = fastbn.batch_norm_backward(x, x, m, s)
+    # the block partition does not depend on threads: serial and OpenMP builds agree bitwise
+    for name, a in dict(y=y, m=m, s=s, dx=dx, dw=dw, db=db).items():
+        assert np.array_equal(serial[name], a), name
