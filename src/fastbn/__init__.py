@@ -15,10 +15,12 @@ except ImportError as exc:  # pragma: no cover - depends on the machine
 
 from ._threads import get_num_threads, openmp_enabled, set_num_threads
 from .functional import batch_norm, batch_norm_backward, batch_norm_forward
+from .layer import BatchNorm
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNorm",
     "batch_norm",
     "batch_norm_backward",
     "batch_norm_forward",
