@@ -151,6 +151,9 @@ SCENARIOS = {f.__name__: f for f in (channels, dtype, axis, eps, mode_batch_stat
 
 def main(scenario, outdir):
     facts = {"rank": rank, "size": size, "error_type": None, "message": None}
+    # Ranks finish importing at different times on a loaded machine; without this barrier that
+    # skew would count against the scenarios' short timeout and turn errors into timeouts.
+    comm.Barrier()
     start = time.monotonic()
     try:
         SCENARIOS[scenario](facts)
