@@ -32,26 +32,32 @@ cnp.import_array()
 cdef extern from "_simd.h" nogil:
     int fbn_openmp_enabled()
     int fbn_omp_max_threads()
-    void fbn_sums_float(const float *x, Py_ssize_t n, double k, double *s1, double *s2)
-    void fbn_sums_double(const double *x, Py_ssize_t n, double k, double *s1, double *s2)
+    void fbn_sums_float(const float *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t stride,
+                        double k, double *s1, double *s2)
+    void fbn_sums_double(const double *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t stride,
+                         double k, double *s1, double *s2)
     void fbn_sums_rows_float(const float *x, Py_ssize_t nrows, Py_ssize_t stride,
                              Py_ssize_t width, const double *k, double *a1, double *a2)
     void fbn_sums_rows_double(const double *x, Py_ssize_t nrows, Py_ssize_t stride,
                               Py_ssize_t width, const double *k, double *a1, double *a2)
-    void fbn_norm_float(const float *x, float *y, Py_ssize_t n, float mhi, float mlo,
-                        float a, float b, int relu)
-    void fbn_norm_double(const double *x, double *y, Py_ssize_t n, double mhi, double mlo,
-                         double a, double b, int relu)
+    void fbn_norm_float(const float *x, float *y, Py_ssize_t nseg, Py_ssize_t len,
+                        Py_ssize_t c0, Py_ssize_t C, const float *mhi, const float *mlo,
+                        const float *a, const float *b, int relu)
+    void fbn_norm_double(const double *x, double *y, Py_ssize_t nseg, Py_ssize_t len,
+                         Py_ssize_t c0, Py_ssize_t C, const double *mhi, const double *mlo,
+                         const double *a, const double *b, int relu)
     void fbn_norm_rows_float(const float *x, float *y, Py_ssize_t nrows, Py_ssize_t stride,
                              Py_ssize_t width, const float *mhi, const float *mlo,
                              const float *a, const float *b, int relu)
     void fbn_norm_rows_double(const double *x, double *y, Py_ssize_t nrows, Py_ssize_t stride,
                               Py_ssize_t width, const double *mhi, const double *mlo,
                               const double *a, const double *b, int relu)
-    void fbn_bwd_sums_float(const float *dy, const float *x, const float *y, Py_ssize_t n,
-                            double mean, double *s1, double *s2)
-    void fbn_bwd_sums_double(const double *dy, const double *x, const double *y, Py_ssize_t n,
-                             double mean, double *s1, double *s2)
+    void fbn_bwd_sums_float(const float *dy, const float *x, const float *y, Py_ssize_t nseg,
+                            Py_ssize_t len, Py_ssize_t stride, double mean, double *s1,
+                            double *s2)
+    void fbn_bwd_sums_double(const double *dy, const double *x, const double *y,
+                             Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t stride, double mean,
+                             double *s1, double *s2)
     void fbn_bwd_sums_rows_float(const float *dy, const float *x, const float *y,
                                  Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t width,
                                  const double *mean, double *a1, double *a2)
@@ -59,9 +65,13 @@ cdef extern from "_simd.h" nogil:
                                   Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t width,
                                   const double *mean, double *a1, double *a2)
     void fbn_bwd_dx_float(const float *dy, const float *x, const float *y, float *dx,
-                          Py_ssize_t n, float mhi, float mlo, float a, float k, float c)
+                          Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t c0, Py_ssize_t C,
+                          const float *mhi, const float *mlo, const float *a, const float *k,
+                          const float *c)
     void fbn_bwd_dx_double(const double *dy, const double *x, const double *y, double *dx,
-                           Py_ssize_t n, double mhi, double mlo, double a, double k, double c)
+                           Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t c0, Py_ssize_t C,
+                           const double *mhi, const double *mlo, const double *a,
+                           const double *k, const double *c)
     void fbn_bwd_dx_rows_float(const float *dy, const float *x, const float *y, float *dx,
                                Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t width,
                                const float *mhi, const float *mlo, const float *a,
@@ -74,11 +84,10 @@ cdef extern from "_simd.h" nogil:
 # Partition constants. They fix the order of every floating-point reduction, so changing one
 # changes results in the last bits (but never their thread-count invariance).
 cdef enum:
-    CHUNK = 32768       # values of one channel reduced by one NCL task
+    CHUNK = 32768       # values of one channel in one NCL task (whole segments, or a piece)
     CL_CHUNK = 65536    # values of one channels-last block (rows x channel tile)
     TILE = 1024         # channels of one channels-last tile; lanes live in L1 (3 x 8 KB)
     MIN_LANES = 64      # below this many channels, rows are grouped into wider "super-rows"
-    PIECE = 65536       # values of one elementwise NCL task
     PAR_MIN = 32768     # below this many values a parallel region costs more than it saves
 
 
@@ -139,7 +148,7 @@ cdef struct Ctx:
     const void *y          # IN  ReLU mask (forward output) or NULL
     void *out              # OUT y or dx
     Py_ssize_t outer, channels, inner   # the canonical shape
-    Py_ssize_t nq          # NCL: chunks per channel
+    Py_ssize_t nq          # NCL: blocks per channel (see _ncl_block)
     Rows p                 # channels-last partition
     const double *mean     # per channel
     const double *a        # per channel: scale (normalize, dx)
@@ -182,6 +191,68 @@ cdef inline void _split(double v, floating *hi, floating *lo) noexcept nogil:
     lo[0] = <floating>(v - <double>hi[0])
 
 
+cdef struct Block:
+    Py_ssize_t off      # offset of the block's first value
+    Py_ssize_t nseg     # segments (runs of `len` values, C * inner apart)
+    Py_ssize_t len
+
+
+cdef inline Py_ssize_t _ncl_blocks_per_channel(Py_ssize_t O, Py_ssize_t I) noexcept nogil:
+    if I <= CHUNK:
+        return (O + CHUNK // I - 1) // (CHUNK // I)
+    return O * ((I + CHUNK - 1) // CHUNK)
+
+
+cdef inline Block _ncl_block(const Ctx *ctx, Py_ssize_t c, Py_ssize_t q) noexcept nogil:
+    """Block q of channel c: whole segments when inner <= CHUNK, else a piece of one segment.
+
+    The same partition serves reductions (fixed merge order) and elementwise passes.
+    """
+    cdef Block b
+    cdef Py_ssize_t I = ctx.inner, spc, ppi, o0, i0
+    if I <= CHUNK:
+        spc = CHUNK // I
+        o0 = q * spc
+        i0 = 0
+        b.nseg = min(spc, ctx.outer - o0)
+        b.len = I
+    else:
+        ppi = (I + CHUNK - 1) // CHUNK
+        o0 = q // ppi
+        i0 = (q % ppi) * CHUNK
+        b.nseg = 1
+        b.len = min(CHUNK, I - i0)
+    b.off = (o0 * ctx.channels + c) * I + i0
+    return b
+
+
+cdef inline Py_ssize_t _ncl_runs(Py_ssize_t O, Py_ssize_t C, Py_ssize_t I) noexcept nogil:
+    """Elementwise NCL tasks: runs of whole segments in memory order, or pieces of one."""
+    if I <= CHUNK:
+        return (O * C + CHUNK // I - 1) // (CHUNK // I)
+    return O * C * ((I + CHUNK - 1) // CHUNK)
+
+
+cdef inline Block _ncl_run(const Ctx *ctx, Py_ssize_t t, Py_ssize_t *c0) noexcept nogil:
+    # Run t: segments [t*spr, ...) in memory order (nseg of them, contiguous), first channel c0.
+    cdef Block b
+    cdef Py_ssize_t I = ctx.inner, S = ctx.outer * ctx.channels, spr, ppi, s0
+    if I <= CHUNK:
+        spr = CHUNK // I
+        s0 = t * spr
+        b.nseg = min(spr, S - s0)
+        b.len = I
+        b.off = s0 * I
+    else:
+        ppi = (I + CHUNK - 1) // CHUNK
+        s0 = t // ppi
+        b.nseg = 1
+        b.len = min(CHUNK, I - (t % ppi) * CHUNK)
+        b.off = s0 * I + (t % ppi) * CHUNK
+    c0[0] = s0 % ctx.channels
+    return b
+
+
 # --------------------------------------------------------------------------- statistics
 
 cdef inline void _chan_merge(double *n, double *mean, double *m2, double nb, double mb,
@@ -213,26 +284,16 @@ cdef inline void _block_moments(double cnt, double k, double s1, double s2, doub
 
 
 cdef void _ncl_stats(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
-    # Task t: values [q*CHUNK, (q+1)*CHUNK) of channel c, in (outer, inner) order.
-    cdef Py_ssize_t C = ctx.channels, I = ctx.inner, M = ctx.outer * ctx.inner
-    cdef Py_ssize_t c = t // ctx.nq, q = t % ctx.nq
-    cdef Py_ssize_t e = q * CHUNK
-    cdef Py_ssize_t e1 = min(M, e + CHUNK)
-    cdef Py_ssize_t o = e // I
-    cdef Py_ssize_t i = e % I
-    cdef Py_ssize_t span
+    # Task t: block t % nq of channel t // nq; shifted by its first value.
+    cdef Block blk = _ncl_block(ctx, t // ctx.nq, t % ctx.nq)
+    cdef Py_ssize_t stride = ctx.channels * ctx.inner
     cdef double s1 = 0, s2 = 0
-    cdef double k = x[(o * C + c) * I + i]
-    while e < e1:
-        span = min(I - i, e1 - e)
-        if floating is float:
-            fbn_sums_float(x + (o * C + c) * I + i, span, k, &s1, &s2)
-        else:
-            fbn_sums_double(x + (o * C + c) * I + i, span, k, &s1, &s2)
-        e += span
-        o += 1
-        i = 0
-    _block_moments(<double>(e1 - q * CHUNK), k, s1, s2, ctx.p1 + t, ctx.p2 + t)
+    cdef double k = x[blk.off]
+    if floating is float:
+        fbn_sums_float(x + blk.off, blk.nseg, blk.len, stride, k, &s1, &s2)
+    else:
+        fbn_sums_double(x + blk.off, blk.nseg, blk.len, stride, k, &s1, &s2)
+    _block_moments(<double>(blk.nseg * blk.len), k, s1, s2, ctx.p1 + t, ctx.p2 + t)
 
 
 cdef void _rows_stats(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
@@ -293,24 +354,26 @@ cdef void _stats_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
 cdef void _merge_stats_task(const Ctx *ctx, Py_ssize_t c) noexcept nogil:
     # Channel c: merge its blocks in block order (fixed, whatever the thread count).
     cdef double n = 0
-    cdef Py_ssize_t q, nblk, stride, first
-    cdef Py_ssize_t total = ctx.outer * ctx.inner
-    cdef Py_ssize_t size = CHUNK if ctx.inner > 1 else ctx.p.rb
-    if ctx.inner > 1:
-        nblk, stride, first = ctx.nq, 1, c * ctx.nq
-    else:
-        nblk, stride, first = ctx.p.nb, ctx.channels, c
+    cdef Py_ssize_t q
+    cdef Block blk
     ctx.r1[c] = 0
     ctx.r2[c] = 0
-    for q in range(nblk):
-        _chan_merge(&n, ctx.r1 + c, ctx.r2 + c, <double>(min(total, (q + 1) * size) - q * size),
-                    ctx.p1[first + q * stride], ctx.p2[first + q * stride])
+    if ctx.inner > 1:
+        for q in range(ctx.nq):
+            blk = _ncl_block(ctx, c, q)
+            _chan_merge(&n, ctx.r1 + c, ctx.r2 + c, <double>(blk.nseg * blk.len),
+                        ctx.p1[c * ctx.nq + q], ctx.p2[c * ctx.nq + q])
+    else:
+        for q in range(ctx.p.nb):
+            _chan_merge(&n, ctx.r1 + c, ctx.r2 + c,
+                        <double>(min(ctx.outer, (q + 1) * ctx.p.rb) - q * ctx.p.rb),
+                        ctx.p1[q * ctx.channels + c], ctx.p2[q * ctx.channels + c])
 
 
 cdef Py_ssize_t _nblocks(Ctx *ctx) noexcept nogil:
     """Set up the reduction partition of ctx; returns the number of block slots (tasks)."""
     if ctx.inner > 1:
-        ctx.nq = (ctx.outer * ctx.inner + CHUNK - 1) // CHUNK
+        ctx.nq = _ncl_blocks_per_channel(ctx.outer, ctx.inner)
         return ctx.channels * ctx.nq
     ctx.p = _rows_partition(ctx.outer, ctx.channels, CL_CHUNK)
     return ctx.p.nb * ctx.p.ntiles
@@ -337,20 +400,16 @@ cdef int _stats(Ctx *ctx, double *mean, double *m2, int nthreads) noexcept nogil
 # --------------------------------------------------------------------------- elementwise
 
 cdef void _ncl_norm(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
-    # Task t: piece t % npieces of segment (o, c) = t // npieces; y = (x - mean) * a + k.
-    cdef Py_ssize_t npieces = (ctx.inner + PIECE - 1) // PIECE
-    cdef Py_ssize_t s = t // npieces
-    cdef Py_ssize_t c = s % ctx.channels
-    cdef Py_ssize_t i0 = (t % npieces) * PIECE
-    cdef Py_ssize_t off = s * ctx.inner + i0
-    cdef floating mhi, mlo
-    _split(ctx.mean[c], &mhi, &mlo)
+    # Task t: a run of segments in memory order. lanes = [mhi | mlo | scale | shift], C each.
+    cdef Py_ssize_t c0, C = ctx.channels
+    cdef Block blk = _ncl_run(ctx, t, &c0)
+    cdef const floating *L = <const floating *>ctx.lanes
     if floating is float:
-        fbn_norm_float(x + off, <float *>ctx.out + off, min(PIECE, ctx.inner - i0), mhi, mlo,
-                       <float>ctx.a[c], <float>ctx.k[c], ctx.relu)
+        fbn_norm_float(x + blk.off, <float *>ctx.out + blk.off, blk.nseg, blk.len, c0, C, L,
+                       L + C, L + 2 * C, L + 3 * C, ctx.relu)
     else:
-        fbn_norm_double(x + off, <double *>ctx.out + off, min(PIECE, ctx.inner - i0), mhi, mlo,
-                        ctx.a[c], ctx.k[c], ctx.relu)
+        fbn_norm_double(x + blk.off, <double *>ctx.out + blk.off, blk.nseg, blk.len, c0, C, L,
+                        L + C, L + 2 * C, L + 3 * C, ctx.relu)
 
 
 cdef void _rows_norm(const floating *x, const Ctx *ctx, Py_ssize_t b) noexcept nogil:
@@ -390,9 +449,10 @@ cdef void _norm_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
             _rows_norm(<const double *>ctx.x, ctx, t)
 
 
-cdef void *_make_lanes(const Ctx *ctx, Py_ssize_t nparams) noexcept nogil:
-    """Channels-last: [mhi | mlo | a | k | c][:nparams], each replicated to m*C lanes."""
-    cdef Py_ssize_t w = ctx.p.m * ctx.channels, j, C = ctx.channels
+cdef void *_make_lanes(const Ctx *ctx, Py_ssize_t nparams, Py_ssize_t m) noexcept nogil:
+    """[mhi | mlo | a | k | c][:nparams] in the working precision, each replicated to m*C lanes
+    (m = 1: one value per channel, for the NCL runs)."""
+    cdef Py_ssize_t w = m * ctx.channels, j, C = ctx.channels
     cdef const double *src[3]
     cdef Py_ssize_t i
     cdef float *f
@@ -424,15 +484,18 @@ cdef int _normalize(Ctx *ctx, int nthreads) noexcept nogil:
     """ctx.out = (x - mean) * a + k per channel (then ReLU). Returns -1 when out of memory."""
     cdef int nt = _nthreads(nthreads, ctx.outer * ctx.channels * ctx.inner)
     cdef void *lanes
+    cdef Py_ssize_t ntasks
     if ctx.inner > 1:
-        _run(_norm_task, ctx, ctx.outer * ctx.channels * ((ctx.inner + PIECE - 1) // PIECE), nt)
-        return 0
-    ctx.p = _rows_partition(ctx.outer, ctx.channels, CL_CHUNK)
-    lanes = _make_lanes(ctx, 4)
+        lanes = _make_lanes(ctx, 4, 1)
+        ntasks = _ncl_runs(ctx.outer, ctx.channels, ctx.inner)
+    else:
+        ctx.p = _rows_partition(ctx.outer, ctx.channels, CL_CHUNK)
+        lanes = _make_lanes(ctx, 4, ctx.p.m)
+        ntasks = ctx.p.nb
     if lanes == NULL:
         return -1
     ctx.lanes = lanes
-    _run(_norm_task, ctx, ctx.p.nb, nt)
+    _run(_norm_task, ctx, ntasks, nt)
     free(lanes)
     ctx.lanes = NULL
     return 0
@@ -443,28 +506,17 @@ cdef int _normalize(Ctx *ctx, int nthreads) noexcept nogil:
 cdef void _ncl_bsums(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
     cdef const floating *dy = <const floating *>ctx.dy
     cdef const floating *y = <const floating *>ctx.y
-    cdef Py_ssize_t C = ctx.channels, I = ctx.inner, M = ctx.outer * ctx.inner
-    cdef Py_ssize_t c = t // ctx.nq, q = t % ctx.nq
-    cdef Py_ssize_t e = q * CHUNK
-    cdef Py_ssize_t e1 = min(M, e + CHUNK)
-    cdef Py_ssize_t o = e // I
-    cdef Py_ssize_t i = e % I
-    cdef Py_ssize_t span, off
-    cdef double mean = ctx.mean[c]
+    cdef Py_ssize_t c = t // ctx.nq
+    cdef Block blk = _ncl_block(ctx, c, t % ctx.nq)
+    cdef Py_ssize_t stride = ctx.channels * ctx.inner
     ctx.p1[t] = 0
     ctx.p2[t] = 0
-    while e < e1:
-        span = min(I - i, e1 - e)
-        off = (o * C + c) * I + i
-        if floating is float:
-            fbn_bwd_sums_float(dy + off, x + off, y + off if y != NULL else NULL, span, mean,
-                               ctx.p1 + t, ctx.p2 + t)
-        else:
-            fbn_bwd_sums_double(dy + off, x + off, y + off if y != NULL else NULL, span, mean,
-                                ctx.p1 + t, ctx.p2 + t)
-        e += span
-        o += 1
-        i = 0
+    if floating is float:
+        fbn_bwd_sums_float(dy + blk.off, x + blk.off, y + blk.off if y != NULL else NULL,
+                           blk.nseg, blk.len, stride, ctx.mean[c], ctx.p1 + t, ctx.p2 + t)
+    else:
+        fbn_bwd_sums_double(dy + blk.off, x + blk.off, y + blk.off if y != NULL else NULL,
+                            blk.nseg, blk.len, stride, ctx.mean[c], ctx.p1 + t, ctx.p2 + t)
 
 
 cdef void _rows_bsums(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
@@ -559,23 +611,20 @@ cdef int _bwd_sums(Ctx *ctx, double *sum_dy, double *sum_dy_xmu, int nthreads) n
 
 
 cdef void _ncl_dx(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
+    # Task t: a run of segments in memory order. lanes = [mhi | mlo | a | k | c], C each.
     cdef const floating *dy = <const floating *>ctx.dy
     cdef const floating *y = <const floating *>ctx.y
-    cdef Py_ssize_t npieces = (ctx.inner + PIECE - 1) // PIECE
-    cdef Py_ssize_t s = t // npieces
-    cdef Py_ssize_t c = s % ctx.channels
-    cdef Py_ssize_t i0 = (t % npieces) * PIECE
-    cdef Py_ssize_t off = s * ctx.inner + i0
-    cdef Py_ssize_t n = min(PIECE, ctx.inner - i0)
-    cdef floating mhi, mlo
-    _split(ctx.mean[c], &mhi, &mlo)
+    cdef Py_ssize_t c0, C = ctx.channels
+    cdef Block blk = _ncl_run(ctx, t, &c0)
+    cdef const floating *L = <const floating *>ctx.lanes
     if floating is float:
-        fbn_bwd_dx_float(dy + off, x + off, y + off if y != NULL else NULL,
-                         <float *>ctx.out + off, n, mhi, mlo, <float>ctx.a[c], <float>ctx.k[c],
-                         <float>ctx.c[c])
+        fbn_bwd_dx_float(dy + blk.off, x + blk.off, y + blk.off if y != NULL else NULL,
+                         <float *>ctx.out + blk.off, blk.nseg, blk.len, c0, C, L, L + C,
+                         L + 2 * C, L + 3 * C, L + 4 * C)
     else:
-        fbn_bwd_dx_double(dy + off, x + off, y + off if y != NULL else NULL,
-                          <double *>ctx.out + off, n, mhi, mlo, ctx.a[c], ctx.k[c], ctx.c[c])
+        fbn_bwd_dx_double(dy + blk.off, x + blk.off, y + blk.off if y != NULL else NULL,
+                          <double *>ctx.out + blk.off, blk.nseg, blk.len, c0, C, L, L + C,
+                          L + 2 * C, L + 3 * C, L + 4 * C)
 
 
 cdef void _rows_dx(const floating *x, const Ctx *ctx, Py_ssize_t b) noexcept nogil:
@@ -624,15 +673,18 @@ cdef int _bwd_dx(Ctx *ctx, int nthreads) noexcept nogil:
     """ctx.out = a*g - k*(x - mean) + c per channel, g = dy (masked by y > 0 if y)."""
     cdef int nt = _nthreads(nthreads, ctx.outer * ctx.channels * ctx.inner)
     cdef void *lanes
+    cdef Py_ssize_t ntasks
     if ctx.inner > 1:
-        _run(_dx_task, ctx, ctx.outer * ctx.channels * ((ctx.inner + PIECE - 1) // PIECE), nt)
-        return 0
-    ctx.p = _rows_partition(ctx.outer, ctx.channels, CL_CHUNK)
-    lanes = _make_lanes(ctx, 5)
+        lanes = _make_lanes(ctx, 5, 1)
+        ntasks = _ncl_runs(ctx.outer, ctx.channels, ctx.inner)
+    else:
+        ctx.p = _rows_partition(ctx.outer, ctx.channels, CL_CHUNK)
+        lanes = _make_lanes(ctx, 5, ctx.p.m)
+        ntasks = ctx.p.nb
     if lanes == NULL:
         return -1
     ctx.lanes = lanes
-    _run(_dx_task, ctx, ctx.p.nb, nt)
+    _run(_dx_task, ctx, ntasks, nt)
     free(lanes)
     ctx.lanes = NULL
     return 0

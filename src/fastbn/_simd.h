@@ -50,25 +50,29 @@
 
 #define FBN_DEFINE(T)                                                                              \
                                                                                                    \
-/* s1 += sum(x - k), s2 += sum((x - k)^2) over x[0:n].                                             \
- * IN x, n, k; INOUT s1, s2 */                                                                     \
-static FBN_CLONES void fbn_sums_##T(const T *FBN_RESTRICT x, ptrdiff_t n, double k,               \
-                                   double *s1, double *s2)                                         \
+/* s1 += sum(x - k), s2 += sum((x - k)^2) over nseg segments of len values, stride apart (one     \
+ * channel of an NCHW array: the lanes carry over from segment to segment, so short segments      \
+ * cost no extra reductions). IN x, nseg, len, stride, k; INOUT s1, s2 */                          \
+static FBN_CLONES void fbn_sums_##T(const T *FBN_RESTRICT x, ptrdiff_t nseg, ptrdiff_t len,       \
+                                   ptrdiff_t stride, double k, double *s1, double *s2)             \
 {                                                                                                  \
     double a1[FBN_LANES] = {0}, a2[FBN_LANES] = {0};                                               \
-    ptrdiff_t i = 0;                                                                               \
-    for (; i + FBN_LANES <= n; i += FBN_LANES) {                                                   \
-        FBN_SIMD                                                                                   \
-        for (int j = 0; j < FBN_LANES; j++) {                                                      \
-            double d = (double)x[i + j] - k;                                                       \
+    for (ptrdiff_t s = 0; s < nseg; s++) {                                                         \
+        const T *xs = x + s * stride;                                                              \
+        ptrdiff_t i = 0;                                                                           \
+        for (; i + FBN_LANES <= len; i += FBN_LANES) {                                             \
+            FBN_SIMD                                                                               \
+            for (int j = 0; j < FBN_LANES; j++) {                                                  \
+                double d = (double)xs[i + j] - k;                                                  \
+                a1[j] += d;                                                                        \
+                a2[j] += d * d;                                                                    \
+            }                                                                                      \
+        }                                                                                          \
+        for (int j = 0; i < len; i++, j++) {                                                       \
+            double d = (double)xs[i] - k;                                                          \
             a1[j] += d;                                                                            \
             a2[j] += d * d;                                                                        \
         }                                                                                          \
-    }                                                                                              \
-    for (int j = 0; i < n; i++, j++) {                                                             \
-        double d = (double)x[i] - k;                                                               \
-        a1[j] += d;                                                                                \
-        a2[j] += d * d;                                                                            \
     }                                                                                              \
     double t1 = 0.0, t2 = 0.0;                                                                     \
     for (int j = 0; j < FBN_LANES; j++) {                                                          \
@@ -97,22 +101,35 @@ static FBN_CLONES void fbn_sums_rows_##T(const T *FBN_RESTRICT x, ptrdiff_t nrow
     }                                                                                              \
 }                                                                                                  \
                                                                                                    \
-/* y = ((x - mhi) - mlo) * a + b, then ReLU if relu. The mean is split into a T-precision head     \
- * and tail so that x - mean keeps its digits when |mean| >> std (x - mhi is exact there).         \
- * IN x, n, mhi, mlo, a, b, relu; OUT y (may alias x) */                                           \
-static FBN_CLONES void fbn_norm_##T(const T *x, T *y, ptrdiff_t n, T mhi, T mlo, T a, T b,        \
-                                   int relu)                                                       \
+/* y = ((x - mhi) - mlo) * a + b (then ReLU) over a contiguous run of nseg segments of len       \
+ * values in memory order, segment s belonging to channel (c0 + s) % C, whose parameters are       \
+ * mhi[c]...b[c]. Walking memory in order streams best; one call per run (not per segment) keeps   \
+ * short segments (7x7 maps) cheap. The mean is split into a T-precision head and tail so that     \
+ * x - mean keeps its digits when |mean| >> std (x - mhi is exact there).                          \
+ * IN x, mhi/mlo/a/b[C]; OUT y (may alias x) */                                                    \
+static FBN_CLONES void fbn_norm_##T(const T *x, T *y, ptrdiff_t nseg, ptrdiff_t len,              \
+                                   ptrdiff_t c0, ptrdiff_t C, const T *FBN_RESTRICT mhi,           \
+                                   const T *FBN_RESTRICT mlo, const T *FBN_RESTRICT a,             \
+                                   const T *FBN_RESTRICT b, int relu)                              \
 {                                                                                                  \
-    if (relu) {                                                                                    \
-        FBN_SIMD                                                                                   \
-        for (ptrdiff_t i = 0; i < n; i++) {                                                        \
-            T v = ((x[i] - mhi) - mlo) * a + b;                                                    \
-            y[i] = v > 0 ? v : (T)0;                                                               \
+    ptrdiff_t c = c0;                                                                              \
+    for (ptrdiff_t s = 0; s < nseg; s++) {                                                         \
+        const T *xs = x + s * len;                                                                 \
+        T *ys = y + s * len;                                                                       \
+        const T h = mhi[c], l = mlo[c], m = a[c], o = b[c];                                        \
+        if (relu) {                                                                                \
+            FBN_SIMD                                                                               \
+            for (ptrdiff_t i = 0; i < len; i++) {                                                  \
+                T v = ((xs[i] - h) - l) * m + o;                                                   \
+                ys[i] = v > 0 ? v : (T)0;                                                          \
+            }                                                                                      \
+        } else {                                                                                   \
+            FBN_SIMD                                                                               \
+            for (ptrdiff_t i = 0; i < len; i++)                                                    \
+                ys[i] = ((xs[i] - h) - l) * m + o;                                                 \
         }                                                                                          \
-    } else {                                                                                       \
-        FBN_SIMD                                                                                   \
-        for (ptrdiff_t i = 0; i < n; i++)                                                          \
-            y[i] = ((x[i] - mhi) - mlo) * a + b;                                                   \
+        if (++c == C)                                                                              \
+            c = 0;                                                                                 \
     }                                                                                              \
 }                                                                                                  \
                                                                                                    \
@@ -140,41 +157,46 @@ static FBN_CLONES void fbn_norm_rows_##T(const T *x, T *y, ptrdiff_t nrows, ptrd
     }                                                                                              \
 }                                                                                                  \
                                                                                                    \
-/* s1 += sum(g), s2 += sum(g * (x - mean)) with g = dy, or dy masked by y > 0 when y != NULL.      \
- * IN dy, x, y (or NULL), n, mean; INOUT s1, s2 */                                                 \
+/* s1 += sum(g), s2 += sum(g * (x - mean)) with g = dy, or dy masked by y > 0 when y != NULL,    \
+ * over nseg segments of len values, stride apart.                                                 \
+ * IN dy, x, y (or NULL), nseg, len, stride, mean; INOUT s1, s2 */                                 \
 static FBN_CLONES void fbn_bwd_sums_##T(const T *FBN_RESTRICT dy, const T *FBN_RESTRICT x,        \
-                                       const T *FBN_RESTRICT y, ptrdiff_t n, double mean,          \
-                                       double *s1, double *s2)                                     \
+                                       const T *FBN_RESTRICT y, ptrdiff_t nseg, ptrdiff_t len,     \
+                                       ptrdiff_t stride, double mean, double *s1, double *s2)      \
 {                                                                                                  \
     double a1[FBN_LANES] = {0}, a2[FBN_LANES] = {0};                                               \
-    ptrdiff_t i = 0;                                                                               \
-    if (y) {                                                                                       \
-        for (; i + FBN_LANES <= n; i += FBN_LANES) {                                               \
-            FBN_SIMD                                                                               \
-            for (int j = 0; j < FBN_LANES; j++) {                                                  \
-                double g = FBN_MASK(dy[i + j], y[i + j]);                                          \
-                a1[j] += g;                                                                        \
-                a2[j] += g * ((double)x[i + j] - mean);                                            \
+    for (ptrdiff_t s = 0; s < nseg; s++) {                                                         \
+        const T *gs = dy + s * stride, *xs = x + s * stride;                                       \
+        ptrdiff_t i = 0;                                                                           \
+        if (y) {                                                                                   \
+            const T *ys = y + s * stride;                                                          \
+            for (; i + FBN_LANES <= len; i += FBN_LANES) {                                         \
+                FBN_SIMD                                                                           \
+                for (int j = 0; j < FBN_LANES; j++) {                                              \
+                    double g = FBN_MASK(gs[i + j], ys[i + j]);                                     \
+                    a1[j] += g;                                                                    \
+                    a2[j] += g * ((double)xs[i + j] - mean);                                       \
+                }                                                                                  \
             }                                                                                      \
-        }                                                                                          \
-        for (int j = 0; i < n; i++, j++) {                                                         \
-            double g = FBN_MASK(dy[i], y[i]);                                                      \
-            a1[j] += g;                                                                            \
-            a2[j] += g * ((double)x[i] - mean);                                                    \
-        }                                                                                          \
-    } else {                                                                                       \
-        for (; i + FBN_LANES <= n; i += FBN_LANES) {                                               \
-            FBN_SIMD                                                                               \
-            for (int j = 0; j < FBN_LANES; j++) {                                                  \
-                double g = (double)dy[i + j];                                                      \
+            for (int j = 0; i < len; i++, j++) {                                                   \
+                double g = FBN_MASK(gs[i], ys[i]);                                                 \
                 a1[j] += g;                                                                        \
-                a2[j] += g * ((double)x[i + j] - mean);                                            \
+                a2[j] += g * ((double)xs[i] - mean);                                               \
             }                                                                                      \
-        }                                                                                          \
-        for (int j = 0; i < n; i++, j++) {                                                         \
-            double g = (double)dy[i];                                                              \
-            a1[j] += g;                                                                            \
-            a2[j] += g * ((double)x[i] - mean);                                                    \
+        } else {                                                                                   \
+            for (; i + FBN_LANES <= len; i += FBN_LANES) {                                         \
+                FBN_SIMD                                                                           \
+                for (int j = 0; j < FBN_LANES; j++) {                                              \
+                    double g = (double)gs[i + j];                                                  \
+                    a1[j] += g;                                                                    \
+                    a2[j] += g * ((double)xs[i + j] - mean);                                       \
+                }                                                                                  \
+            }                                                                                      \
+            for (int j = 0; i < len; i++, j++) {                                                   \
+                double g = (double)gs[i];                                                          \
+                a1[j] += g;                                                                        \
+                a2[j] += g * ((double)xs[i] - mean);                                               \
+            }                                                                                      \
         }                                                                                          \
     }                                                                                              \
     double t1 = 0.0, t2 = 0.0;                                                                     \
@@ -215,22 +237,35 @@ static FBN_CLONES void fbn_bwd_sums_rows_##T(const T *FBN_RESTRICT dy, const T *
     }                                                                                              \
 }                                                                                                  \
                                                                                                    \
-/* dx = a*g - k*((x - mhi) - mlo) + c with g as in fbn_bwd_sums; k = c = 0 is the inference        \
- * backward. IN dy, x, y (or NULL), n, mhi, mlo, a, k, c; OUT dx (may alias dy) */                 \
+/* dx = a*g - k*((x - mhi) - mlo) + c with g as in fbn_bwd_sums, over a contiguous run of nseg     \
+ * segments as in fbn_norm (parameters per channel); k = c = 0 is the inference backward.          \
+ * IN dy, x, y (or NULL), mhi/mlo/a/k/c[C]; OUT dx (may alias dy) */                               \
 static FBN_CLONES void fbn_bwd_dx_##T(const T *dy, const T *FBN_RESTRICT x,                       \
-                                     const T *FBN_RESTRICT y, T *dx, ptrdiff_t n, T mhi, T mlo,    \
-                                     T a, T k, T c)                                                \
+                                     const T *FBN_RESTRICT y, T *dx, ptrdiff_t nseg,               \
+                                     ptrdiff_t len, ptrdiff_t c0, ptrdiff_t C,                     \
+                                     const T *FBN_RESTRICT mhi, const T *FBN_RESTRICT mlo,         \
+                                     const T *FBN_RESTRICT a, const T *FBN_RESTRICT k,             \
+                                     const T *FBN_RESTRICT c)                                      \
 {                                                                                                  \
-    if (y) {                                                                                       \
-        FBN_SIMD                                                                                   \
-        for (ptrdiff_t i = 0; i < n; i++) {                                                        \
-            T g = y[i] > 0 ? dy[i] : (T)0;                                                         \
-            dx[i] = a * g - k * ((x[i] - mhi) - mlo) + c;                                          \
+    ptrdiff_t ch = c0;                                                                             \
+    for (ptrdiff_t s = 0; s < nseg; s++) {                                                         \
+        const T *gs = dy + s * len, *xs = x + s * len;                                             \
+        T *ds = dx + s * len;                                                                      \
+        const T h = mhi[ch], l = mlo[ch], m = a[ch], q = k[ch], o = c[ch];                         \
+        if (y) {                                                                                   \
+            const T *ys = y + s * len;                                                             \
+            FBN_SIMD                                                                               \
+            for (ptrdiff_t i = 0; i < len; i++) {                                                  \
+                T g = ys[i] > 0 ? gs[i] : (T)0;                                                    \
+                ds[i] = m * g - q * ((xs[i] - h) - l) + o;                                         \
+            }                                                                                      \
+        } else {                                                                                   \
+            FBN_SIMD                                                                               \
+            for (ptrdiff_t i = 0; i < len; i++)                                                    \
+                ds[i] = m * gs[i] - q * ((xs[i] - h) - l) + o;                                     \
         }                                                                                          \
-    } else {                                                                                       \
-        FBN_SIMD                                                                                   \
-        for (ptrdiff_t i = 0; i < n; i++)                                                          \
-            dx[i] = a * dy[i] - k * ((x[i] - mhi) - mlo) + c;                                      \
+        if (++ch == C)                                                                             \
+            ch = 0;                                                                                \
     }                                                                                              \
 }                                                                                                  \
                                                                                                    \
