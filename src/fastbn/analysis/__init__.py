@@ -1,8 +1,11 @@
-"""Analysis of batch norm: the reparameterisation view (Kohler et al.) and weight normalisation.
+"""Analysis of batch norm: the reparameterisation view (Kohler et al.) and weight normalisation
+(``reparam``, re-exported here), a small NumPy training stack (``nn``) and Santurkar et al.'s
+loss-landscape measures (``landscape``).
 
 Pure NumPy; nothing heavier is imported here (the scripts in ``analysis/`` import matplotlib,
 scikit-learn and tqdm themselves).
 """
+from . import landscape, nn
 from .reparam import (
     CheckResult,
     Comparison,
@@ -24,6 +27,8 @@ from .reparam import (
 )
 
 __all__ = [
+    "landscape",
+    "nn",
     "CheckResult",
     "Comparison",
     "check_forward",

@@ -1,0 +1,317 @@
+#!/usr/bin/env python
+"""Santurkar et al. (2018), Sec. 3 / Fig. 4: does batch norm make the loss landscape smoother?
+
+Trains a ReLU perceptron with and without fastbn BatchNorm (same initial weights, same batches)
+on scikit-learn's bundled digits with plain SGD at two learning rates, and every few steps, at
+the current weights W_t and batch, with g = grad L(W_t) and step sizes eta' in
+[lr/4, 4 lr] (9 points, geometric), measures:
+
+  * loss variation: L(W_t - eta' g), drawn as the band min..max over eta';
+  * gradient predictiveness: ||g - grad L(W_t - eta' g)||_2, band min..max over eta';
+  * effective beta-smoothness: max over eta' of ||g - grad L(W_t - eta' g)||_2 / ||eta' g||_2.
+
+With plain SGD, eta' = lr is exactly the step training takes, so the range brackets it.
+
+Writes to the output folder: landscape.png (rows: the three measures; columns: the learning
+rates; the bands of the first seed), summary.md (tables over all seeds) and results.json.
+
+    python analysis/landscape.py [OUT_DIR] [--quick] [--seed N] [--threads N]
+
+--quick runs a small configuration in seconds (used by the tests); the default (full) mode takes
+about a minute on 2 cores. Needs the ``analysis`` extra: matplotlib, scikit-learn, tqdm.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+from fastbn.analysis import landscape, nn
+
+KINDS = ("standard", "bn")
+LABELS = {"standard": "standard", "bn": "BN"}
+COLORS = {"standard": "tab:blue", "bn": "tab:orange"}
+# A run whose batch loss exceeds this has diverged (the loss at initialisation is ~2.3): it is
+# stopped there and reported as such.
+DIVERGED_LOSS = 1e4
+ETA_FACTORS = 2.0 ** np.linspace(-2, 2, 9)  # eta' / lr
+
+CONFIGS = {
+    "quick": dict(depth=4, hidden=32, epochs=2, seeds=1, batch_size=64, lrs=(0.05, 0.25),
+                  probe_every=4, early_steps=20),
+    "full": dict(depth=10, hidden=100, epochs=20, seeds=3, batch_size=64, lrs=(0.05, 0.25),
+                 probe_every=3, early_steps=105),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Loss variation, gradient predictiveness and effective beta-smoothness "
+                    "along training, standard vs BN, at two learning rates (Santurkar et al.).")
+    parser.add_argument("out_dir", nargs="?",
+                        default=os.path.join("analysis-output", "landscape"),
+                        help="folder for the figure and summary (default: %(default)s)")
+    parser.add_argument("--out", dest="out_opt", default=None,
+                        help="same as OUT_DIR (overrides it)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small network, few steps (seconds; used by the tests)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="first seed; runs use seed, seed+1, ... (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="BLAS and fastbn threads (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.out_opt:
+        args.out_dir = args.out_opt
+    if args.threads < 1:
+        parser.error(f"--threads: expected an int >= 1, got {args.threads}")
+    return args
+
+
+def limit_threads(n):
+    """Pin BLAS (threadpoolctl, if installed) and fastbn to n threads; returns a keep-alive."""
+    import fastbn
+
+    fastbn.set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return None
+    return threadpool_limits(n)
+
+
+# --------------------------------------------------------------------------- training
+
+def train(kind, lr, seed, cfg, data, progress):
+    """One run with probes; returns a dict of lists (JSON-serialisable)."""
+    x_tr, y_tr, x_te, y_te = data
+    net = nn.mlp(x_tr.shape[1], cfg["hidden"], 10, cfg["depth"], batch_norm=kind == "bn",
+                 seed=seed)
+    opt = nn.SGD(net.parameters(), lr)
+    order = np.random.default_rng([seed, 1])  # same batches for both networks of a seed
+    etas = lr * ETA_FACTORS
+    rec = {"lr": lr, "etas": etas.tolist(), "step": [], "loss": [], "probe_step": [],
+           "probe_loss": [], "grad_norm": [], "losses": [], "grad_diffs": [], "beta": [],
+           "diverged_at": None}
+    step = 0
+    for _ in range(cfg["epochs"]):
+        for idx in nn.minibatches(len(x_tr), cfg["batch_size"], order):
+            xb, yb = x_tr[idx], y_tr[idx]
+            if step % cfg["probe_every"] == 0:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    p = landscape.probe_landscape(net, xb, yb, etas)
+                rec["probe_step"].append(step)
+                rec["probe_loss"].append(p.loss)
+                rec["grad_norm"].append(p.grad_norm)
+                rec["losses"].append(p.losses.tolist())
+                rec["grad_diffs"].append(p.grad_diffs.tolist())
+                rec["beta"].append(p.beta_smoothness)
+            with np.errstate(over="ignore", invalid="ignore"):
+                loss, _ = nn.loss_and_gradient(net, xb, yb)
+            if not np.isfinite(loss) or loss > DIVERGED_LOSS:
+                rec["diverged_at"] = step
+                return rec
+            rec["step"].append(step)
+            rec["loss"].append(loss)
+            opt.step(net.gradients())
+            step += 1
+            progress.update(1)
+    rec["test_acc"] = nn.evaluate(net, x_te, y_te)[1]
+    return rec
+
+
+# --------------------------------------------------------------------------- figure
+
+def _finite(x, *ys):
+    x = np.asarray(x, dtype=np.float64)
+    ys = [np.asarray(y, dtype=np.float64) for y in ys]
+    ok = np.isfinite(x)
+    for y in ys:
+        ok &= np.isfinite(y) & (y > 0)
+    return (x[ok],) + tuple(y[ok] for y in ys)
+
+
+def plot(results, cfg, path, seed):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lrs = cfg["lrs"]
+    fig, axes = plt.subplots(3, len(lrs), figsize=(6.5 * len(lrs), 11), squeeze=False)
+    for col, lr in enumerate(lrs):
+        for kind in KINDS:
+            run = next(r for r in results[(kind, lr)] if r["seed"] == seed)
+            c, label = COLORS[kind], LABELS[kind]
+            if run["diverged_at"] is not None:
+                label += f" (diverged at step {run['diverged_at']})"
+            losses = np.array(run["losses"]).reshape(-1, len(ETA_FACTORS))
+            diffs = np.array(run["grad_diffs"]).reshape(-1, len(ETA_FACTORS))
+            x, lo, hi = _finite(run["probe_step"], losses.min(axis=1), losses.max(axis=1))
+            axes[0, col].fill_between(x, lo, hi, color=c, alpha=0.45, lw=0, label=label)
+            x, lo, hi = _finite(run["probe_step"], diffs.min(axis=1), diffs.max(axis=1))
+            axes[1, col].fill_between(x, lo, hi, color=c, alpha=0.45, lw=0, label=label)
+            x, beta = _finite(run["probe_step"], run["beta"])
+            axes[2, col].plot(x, beta, color=c, lw=1.2, label=label)
+        axes[0, col].set_title(f"lr {lr}: loss landscape, L(W - η′g), η′ in [lr/4, 4 lr]")
+        axes[1, col].set_title(f"lr {lr}: gradient predictiveness, ‖g − ∇L(W − η′g)‖")
+        axes[2, col].set_title(f"lr {lr}: effective β-smoothness")
+        for ax in axes[:, col]:
+            ax.set_yscale("log")
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            ax.legend()
+    fig.suptitle(f"digits, {cfg['depth']}-layer ReLU MLP (width {cfg['hidden']}), plain SGD, "
+                 f"batch {cfg['batch_size']}; probe every {cfg['probe_every']} steps; "
+                 f"bands over η′, seed {seed}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- summary
+
+def _stat(values):
+    """'mean (min..max)' over seeds; '—' when no seed gives a value."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+    if v.size == 0:
+        return "—"
+    if v.size == 1:
+        return f"{v[0]:.3g}"
+    return f"{v.mean():.3g} ({v.min():.3g}..{v.max():.3g})"
+
+
+def probe_medians(run, lo, hi):
+    """Medians, over the probes with lo <= step < hi, of the band widths and beta."""
+    steps = np.asarray(run["probe_step"])
+    keep = (steps >= lo) & (steps < hi)
+    if not keep.any():
+        return None
+    losses = np.array(run["losses"]).reshape(-1, len(ETA_FACTORS))[keep]
+    diffs = np.array(run["grad_diffs"]).reshape(-1, len(ETA_FACTORS))[keep]
+    with np.errstate(invalid="ignore"):
+        return {
+            "loss_range": float(np.nanmedian(losses.max(axis=1) - losses.min(axis=1))),
+            "grad_diff_max": float(np.nanmedian(diffs.max(axis=1))),
+            "beta": float(np.nanmedian(np.asarray(run["beta"])[keep])),
+            "grad_norm": float(np.nanmedian(np.asarray(run["grad_norm"])[keep])),
+        }
+
+
+def landscape_table(results, cfg, lo, hi):
+    lines = ["| lr | network | loss range max−min over η′ | max over η′ of ‖g − g′‖ | "
+             "effective β-smoothness | ‖g‖ |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for lr in cfg["lrs"]:
+        for kind in KINDS:
+            meds = [probe_medians(r, lo, hi) for r in results[(kind, lr)]]
+            meds = [m for m in meds if m is not None]
+            cells = [_stat([m[k] for m in meds]) for k in
+                     ("loss_range", "grad_diff_max", "beta", "grad_norm")]
+            lines.append(f"| {lr} | {LABELS[kind]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def training_table(results, cfg, spe):
+    lines = ["| lr | network | diverged | final train loss (last epoch, batches) | "
+             "test accuracy |", "|---:|---|---:|---:|---:|"]
+    for lr in cfg["lrs"]:
+        for kind in KINDS:
+            runs = results[(kind, lr)]
+            ok = [r for r in runs if r["diverged_at"] is None]
+            div = f"{len(runs) - len(ok)}/{len(runs)}"
+            if any(r["diverged_at"] is not None for r in runs):
+                div += " (at step " + ", ".join(str(r["diverged_at"]) for r in runs
+                                                if r["diverged_at"] is not None) + ")"
+            lines.append(f"| {lr} | {LABELS[kind]} | {div} | "
+                         f"{_stat([np.mean(r['loss'][-spe:]) for r in ok])} | "
+                         f"{_stat([r['test_acc'] for r in ok])} |")
+    return "\n".join(lines)
+
+
+def write_summary(path, results, cfg, mode, spe, wall, fig_name):
+    import fastbn
+
+    total = cfg["epochs"] * spe
+    early = cfg["early_steps"]
+    text = f"""# Loss landscape with and without batch norm (Santurkar et al. 2018, Fig. 4)
+
+Mode: **{mode}**. Data: scikit-learn digits, 1347 training / 450 test images (stratified
+split, seed 0), standardised pixels. Network: {cfg['depth']} Linear layers of width
+{cfg['hidden']}, ReLU; the BN network has fastbn `BatchNorm` after every hidden Linear. Same
+initial weights and batches for both networks of a seed. Plain SGD (no momentum, so η′ = lr is
+the step training takes), batch {cfg['batch_size']}, {cfg['epochs']} epochs ({total} steps),
+seeds {cfg['seed0']}..{cfg['seed0'] + cfg['seeds'] - 1}, learning rates
+{', '.join(str(lr) for lr in cfg['lrs'])}.
+
+Every {cfg['probe_every']} steps, at W_t on the current batch with g = ∇L(W_t) (training-mode
+BN; all parameters, γ and β included, move along −g), for 9 step sizes η′ = lr·2^k,
+k = −2, −1.5, …, 2:
+loss range = max − min of L(W_t − η′g); ‖g − g′‖ = ‖∇L(W_t) − ∇L(W_t − η′g)‖₂, its maximum over
+η′; effective β-smoothness = max over η′ of ‖g − g′‖ / ‖η′g‖. Cells: the median over the probes
+of one run, then mean (min..max) over seeds; runs that diverged count up to the divergence.
+Figure: {fig_name} (bands over η′ for seed {cfg['seed0']}).
+
+## Training
+
+{training_table(results, cfg, spe)}
+
+## Early training (steps 0–{early - 1})
+
+{landscape_table(results, cfg, 0, early)}
+
+## Whole run (steps 0–{total - 1})
+
+{landscape_table(results, cfg, 0, total)}
+
+Wall time: {wall:.1f} s (fastbn {fastbn.__version__}, {fastbn.get_num_threads()} thread(s),
+numpy {np.__version__}, Python {platform.python_version()}).
+"""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+# --------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = parse_args(argv)
+    mode = "quick" if args.quick else "full"
+    cfg = dict(CONFIGS[mode], seed0=args.seed)
+    os.makedirs(args.out_dir, exist_ok=True)
+    keep = limit_threads(args.threads)  # noqa: F841 - the limit lasts while this lives
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    data = nn.load_digits_split(seed=0)
+    spe = len(data[0]) // cfg["batch_size"]
+    total = len(KINDS) * len(cfg["lrs"]) * cfg["seeds"] * cfg["epochs"] * spe
+    results = {(k, lr): [] for lr in cfg["lrs"] for k in KINDS}
+    with tqdm(total=total, desc=f"landscape ({mode})", unit="step",
+              disable=args.no_progress, file=sys.stderr) as bar:
+        for seed in range(args.seed, args.seed + cfg["seeds"]):
+            for lr in cfg["lrs"]:
+                for kind in KINDS:
+                    bar.set_postfix(net=kind, lr=lr, seed=seed)
+                    rec = train(kind, lr, seed, cfg, data, bar)
+                    rec["seed"] = seed
+                    if rec["diverged_at"] is not None:  # keep the bar's total honest
+                        bar.update(cfg["epochs"] * spe - rec["diverged_at"])
+                    results[(kind, lr)].append(rec)
+    train_wall = time.perf_counter() - start
+    with open(os.path.join(args.out_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump({"config": dict(cfg, lrs=list(cfg["lrs"])), "mode": mode,
+                   "train_wall_s": train_wall, "eta_factors": ETA_FACTORS.tolist(),
+                   "runs": {f"{k}@lr={lr}": v for (k, lr), v in results.items()}}, f)
+    fig = "landscape.png"
+    plot(results, cfg, os.path.join(args.out_dir, fig), args.seed)
+    wall = time.perf_counter() - start
+    write_summary(os.path.join(args.out_dir, "summary.md"), results, cfg, mode, spe, wall, fig)
+    print(f"wrote {fig}, summary.md, results.json to {args.out_dir} ({wall:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
