@@ -1,0 +1,1 @@
+"""airspeed velocity benchmarks of fastbn (see asv.conf.json at the repository root)."""
