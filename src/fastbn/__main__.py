@@ -158,12 +158,16 @@ def report():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "bench":
+        if "--gpu" in argv[1:]:
+            from fastbn.cuda import bench as _gpu_bench
+
+            return _gpu_bench.main([a for a in argv[1:] if a != "--gpu"])
         from fastbn import _bench
 
         return _bench.main(argv[1:])
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        print("\nusage: python -m fastbn [bench [options]]   (python -m fastbn bench --help)")
+        print("\nusage: python -m fastbn [bench [--gpu] [options]]   (python -m fastbn bench --help)")
         return 0
     if argv:
         print(f"fastbn: unknown command {argv[0]!r}; expected nothing or 'bench'", file=sys.stderr)

@@ -20,7 +20,7 @@ import operator
 
 import numpy as np
 
-from . import _kernels
+from . import _backend, _kernels
 from ._threads import get_num_threads
 
 __all__ = [
@@ -262,6 +262,10 @@ def channel_moments(x, *, axis=1):
 
     The triple merges exactly across batches or processes (Chan et al.); ``var = M2 / count``.
     """
+    if _backend.is_cupy_array(x):  # CuPy input: the GPU path (fastbn.cuda)
+        from .cuda import functional as _gpu
+
+        return _gpu.channel_moments(x, axis=axis)
     x, ax = _check_x(x, axis)
     layout = _Layout(x, ax)
     cdt = _compute_dtype(x.dtype)
@@ -274,6 +278,11 @@ def channel_moments(x, *, axis=1):
 
 def normalize(x, mean, invstd, weight=None, bias=None, *, axis=1, activation=None, out=None):
     """y = (x - mean) * invstd * weight + bias per channel (then ReLU), for given statistics."""
+    if _backend.is_cupy_array(x):  # CuPy input: the GPU path (fastbn.cuda)
+        from .cuda import functional as _gpu
+
+        return _gpu.normalize(x, mean, invstd, weight, bias, axis=axis, activation=activation,
+                              out=out)
     x, ax = _check_x(x, axis)
     layout = _Layout(x, ax)
     C = layout.C
@@ -297,6 +306,10 @@ def _normalize(x, layout, mean, invstd, weight, bias, relu, out):
 
 def backward_sums(dy, x, mean, *, axis=1, activation=None, y=None):
     """Per channel: (count, sum(g), sum(g * (x - mean))) with g = dy, or dy masked by y > 0."""
+    if _backend.is_cupy_array(x):  # CuPy input: the GPU path (fastbn.cuda)
+        from .cuda import functional as _gpu
+
+        return _gpu.backward_sums(dy, x, mean, axis=axis, activation=activation, y=y)
     x, ax = _check_x(x, axis)
     layout = _Layout(x, ax)
     C = layout.C
@@ -330,6 +343,11 @@ def _backward_sums(dy, x, y, layout, mean):
 def backward_dx(dy, x, mean, invstd, sum_dy, sum_dy_xmu, count, weight=None, *, axis=1,
                 training=True, activation=None, y=None):
     """dx of batch norm from per-channel sums (see backward_sums) taken over ``count`` values."""
+    if _backend.is_cupy_array(x):  # CuPy input: the GPU path (fastbn.cuda)
+        from .cuda import functional as _gpu
+
+        return _gpu.backward_dx(dy, x, mean, invstd, sum_dy, sum_dy_xmu, count, weight,
+                                axis=axis, training=training, activation=activation, y=y)
     x, ax = _check_x(x, axis)
     layout = _Layout(x, ax)
     C = layout.C
@@ -358,6 +376,10 @@ def _backward_dx(x, layout, views, mean, invstd, weight, s1, s2, count, training
 
 def invstd_from_var(var, eps):
     """1/sqrt(var + eps), and 0 where var + eps == 0 (x_hat = 0 there, as in the kernels)."""
+    if _backend.is_cupy_array(var):  # CuPy input: the GPU path (fastbn.cuda)
+        from .cuda import functional as _gpu
+
+        return _gpu.invstd_from_var(var, eps)
     v = np.asarray(var, dtype=np.float64) + eps
     with np.errstate(divide="ignore", invalid="ignore"):
         inv = 1.0 / np.sqrt(v)
@@ -398,6 +420,11 @@ def batch_norm_forward(x, weight=None, bias=None, *, axis=1, eps=1e-5, activatio
     -------
     y, mean, invstd : y has x's dtype; mean and invstd = 1/sqrt(var + eps) are float64 (C,).
     """
+    if _backend.is_cupy_array(x):  # CuPy input: the GPU path (fastbn.cuda)
+        from .cuda import functional as _gpu
+
+        return _gpu.batch_norm_forward(x, weight, bias, axis=axis, eps=eps, activation=activation,
+                                        out=out)
     y, mean, invstd, _var, _n = forward_with_stats(
         x, weight, bias, axis=axis, eps=eps, activation=activation, out=out
     )
@@ -410,6 +437,11 @@ def forward_with_stats(x, weight=None, bias=None, *, axis=1, eps=1e-5, activatio
 
     Returns (y, mean, invstd, var, count).
     """
+    if _backend.is_cupy_array(x):  # CuPy input: the GPU path (fastbn.cuda)
+        from .cuda import functional as _gpu
+
+        return _gpu.forward_with_stats(x, weight, bias, axis=axis, eps=eps, activation=activation,
+                                        out=out)
     x, ax = _check_x(x, axis)
     layout = _Layout(x, ax)
     C = layout.C
@@ -444,6 +476,11 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     dbias = sum(g) are returned in x's compute dtype (float32 for float16 input) whether or
     not ``weight`` is given.
     """
+    if _backend.is_cupy_array(x):  # CuPy input: the GPU path (fastbn.cuda)
+        from .cuda import functional as _gpu
+
+        return _gpu.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis, training=training,
+                                         activation=activation, y=y)
     x, ax = _check_x(x, axis)
     layout = _Layout(x, ax)
     C = layout.C
@@ -474,6 +511,12 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, *
     given, updates them in place (unbiased variance, PyTorch's momentum convention).
     training=False normalises with running_mean/running_var, which are then required.
     """
+    if _backend.is_cupy_array(x):  # CuPy input: the GPU path (fastbn.cuda)
+        from .cuda import functional as _gpu
+
+        return _gpu.batch_norm(x, weight, bias, running_mean, running_var, training=training,
+                                momentum=momentum, eps=eps, axis=axis, activation=activation,
+                                out=out)
     x, ax = _check_x(x, axis)
     layout = _Layout(x, ax)
     C = layout.C
