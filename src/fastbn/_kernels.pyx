@@ -1022,17 +1022,22 @@ def backward(cnp.ndarray dy, x, y, dx, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I,
 def stream_copy(const unsigned char[::1] src, unsigned char[::1] dst, int nthreads):
     """dst[:] = src[:] with the kernels' threads: the bandwidth probe of `fastbn bench`.
 
-    IN src; OUT dst (same length). Fixed 1 MiB pieces, so each thread streams a contiguous run.
+    IN src; OUT dst (same length). Each thread copies one contiguous equal share (a multiple of
+    64 bytes) in memcpy calls of at most 1 MiB, so no thread idles on rows of a few MiB.
     """
     cdef Py_ssize_t n = src.shape[0]
-    cdef Py_ssize_t npieces = (n + (1 << 20) - 1) >> 20
-    cdef Py_ssize_t t, off
+    cdef Py_ssize_t share, t, off, end, step
     cdef int nt = _nthreads(nthreads, n // 4)
     if n == 0:
         return
     if dst.shape[0] != n:
         raise ValueError(f"stream_copy: dst must have {n} bytes, got {dst.shape[0]}")
+    share = (((n + nt - 1) // nt) + 63) & ~(<Py_ssize_t>63)
     with nogil:
-        for t in prange(npieces, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-            off = t << 20
-            memcpy(&dst[off], &src[off], min(<Py_ssize_t>(1 << 20), n - off))
+        for t in prange(nt, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+            off = t * share
+            end = min(n, off + share)
+            while off < end:
+                step = min(<Py_ssize_t>(1 << 20), end - off)
+                memcpy(&dst[off], &src[off], step)
+                off = off + step  # not `+=`: prange would make it a reduction
