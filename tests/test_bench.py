@@ -125,9 +125,10 @@ def test_bad_options(argv, match):
 
 
 @pytest.mark.parametrize("nbytes,nthreads,expected", [
-    (1 << 20, 2, 2.0),               # one 1 MiB piece: one thread copies it all
-    (64 << 20, 2, 1.0),              # 64 pieces split evenly
-    (5 << 20, 2, 3 / 2.5),           # 3 pieces on the busiest thread against 2.5
+    (1 << 20, 2, 1.0),               # one equal contiguous share per thread
+    (64 << 20, 2, 1.0),
+    (5 << 20, 2, 1.0),
+    ((5 << 20) + 1, 2, (((5 << 19) + 1 + 63) // 64 * 64) / (((5 << 20) + 1) / 2)),  # rounding to 64
     (4096, 2, 2.0),                  # serial below 128 KiB
     (5 << 20, 1, 1.0),
 ])

@@ -7,7 +7,7 @@ to last ``--sample-ms``; a row's time is the median sample per call, its spread 
 interquartile range over the median.
 
 The floor of a row is measured in the same rounds: ``fastbn._kernels.stream_copy`` (an OpenMP
-memcpy in 1 MiB pieces) copies |x| bytes with the row's thread count, and the op's traffic is
+memcpy, one equal contiguous share per thread) copies |x| bytes with the row's thread count, and the op's traffic is
 counted in copies of x (one copy reads |x| and writes |x|): training forward 1.5 (x read twice,
 y written), inference 1, backward 2.5 (x and dy read twice, dx written), the ReLU variants as
 their base op (the fused backward also reads y, so its floor share is a conservative figure).
@@ -584,20 +584,18 @@ def run(rows, ops, threads, impls, repeat, min_sample, reuse, torch, progress=No
 
 
 def probe_imbalance(nbytes, nthreads):
-    """How much slower than an even split stream_copy's static 1 MiB pieces are (>= 1).
+    """How much slower than an even split the stream_copy probe is (>= 1).
 
-    Its prange splits ceil(n / 1 MiB) pieces into contiguous runs per thread and runs serially
-    below 128 KiB, so the busiest thread copies min(n, ceil(pieces / threads) MiB): a 1 MiB
-    row copies with one thread (2.0 at 2 threads), a 4.8 MB row takes 3 MiB on one thread
-    against 2.3 for an even split (1.31). The probe then understates the floor's bandwidth,
-    and overstates %floor, by up to this factor.
+    stream_copy gives each thread one contiguous share of ceil(n / threads) bytes rounded up to
+    64, and runs serially below 128 KiB (fastbn's parallel threshold), so the busiest thread
+    copies min(n, share): 1.0 for rows of 128 KiB or more, `nthreads` for tiny rows. Where it
+    is above 1 the probe understates the floor's bandwidth, and overstates %floor, by this factor.
     """
     if nbytes <= 0:
         return 1.0
-    piece = 1 << 20
-    pieces = -(-nbytes // piece)
     nt = nthreads if nbytes // 4 >= 32768 and nthreads > 1 else 1
-    busiest = min(nbytes, -(-pieces // nt) * piece)
+    share = ((-(-nbytes // nt)) + 63) // 64 * 64
+    busiest = min(nbytes, share)
     return busiest / (nbytes / nthreads)
 
 
@@ -712,15 +710,16 @@ def _header(meta):
         "backward",
         "NumPy: plain vectorised code, single-threaded; timed at the first thread count and "
         "shown in every block",
-        "floor: stream_copy (OpenMP memcpy, 1 MiB pieces, same thread count) of |x| bytes, in "
+        "floor: stream_copy (OpenMP memcpy, an equal share per thread, same thread count) of "
+        "|x| bytes, in "
         "the same rounds; op traffic in copies of x: fwd-train 1.5, fwd-eval 1, bwd-train 2.5, "
         "fwd-relu 1.5, bwd-relu 2.5 (also reads y: conservative)",
         "columns: GB/s = fastbn's modelled traffic / time; floor GB/s = 2|x| / copy time; "
         "%floor = floor time / fastbn time; alloc = fastbn's peak extra allocation "
         "(tracemalloc) in units of |x|; ok = outputs agree",
-        "%floor*: the probe's 1 MiB pieces split unevenly over the threads on this row (a 1 MiB "
-        "row copies with one thread): the floor is understated and %floor overstated by up "
-        "to probe_imbalance (in --json)",
+        "%floor*: the probe ran on fewer threads than the row (rows under 128 KiB copy "
+        "serially): the floor is understated and %floor overstated by up to probe_imbalance "
+        "(in --json)",
     ]
     return "\n".join(lines)
 
