@@ -107,6 +107,14 @@ def _f64(a):
     return np.ascontiguousarray(a, dtype=_F64)
 
 
+def _chan(a):
+    """A per-channel argument for the kernels: contiguous float32/float64 as is (the kernels
+    read both), anything else converted to float64."""
+    if a is None or (a.flags.c_contiguous and (a.dtype == _F64 or a.dtype == _F32)):
+        return a
+    return np.ascontiguousarray(a, dtype=_F64)
+
+
 def _check_eps(eps):
     try:
         eps = float(eps)
@@ -292,7 +300,7 @@ def normalize(x, mean, invstd, weight=None, bias=None, *, axis=1, activation=Non
     bias = _check_channel(bias, "bias", C)
     relu = _check_activation(activation)
     out = _check_out(out, x)
-    return _normalize(x, layout, _f64(mean), _f64(invstd), _f64(weight), _f64(bias), relu, out)
+    return _normalize(x, layout, _chan(mean), _chan(invstd), _chan(weight), _chan(bias), relu, out)
 
 
 def _normalize(x, layout, mean, invstd, weight, bias, relu, out):
@@ -317,7 +325,7 @@ def backward_sums(dy, x, mean, *, axis=1, activation=None, y=None):
     mean = _check_channel(mean, "mean", C)
     relu = _check_activation(activation)
     y = _check_relu_y(y, x, relu)
-    count, s1, s2, _views = _backward_sums(dy, x, y, layout, _f64(mean))
+    count, s1, s2, _views = _backward_sums(dy, x, y, layout, _chan(mean))
     return count, s1, s2
 
 
@@ -362,8 +370,8 @@ def backward_dx(dy, x, mean, invstd, sum_dy, sum_dy_xmu, count, weight=None, *, 
     cdt = _compute_dtype(x.dtype)
     views = (_kernel_view(layout, dy, cdt), _kernel_view(layout, x, cdt),
              None if y is None else _kernel_view(layout, y, cdt))
-    return _backward_dx(x, layout, views, _f64(mean), _f64(invstd), _f64(weight),
-                        _f64(sum_dy), _f64(sum_dy_xmu), float(count), bool(training))
+    return _backward_dx(x, layout, views, _chan(mean), _chan(invstd), _chan(weight),
+                        _chan(sum_dy), _chan(sum_dy_xmu), float(count), bool(training))
 
 
 def _backward_dx(x, layout, views, mean, invstd, weight, s1, s2, count, training):
@@ -391,14 +399,22 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum):
     """PyTorch's update, in place: running = (1 - momentum) * running + momentum * batch.
 
     The running variance takes the unbiased batch variance, var * count / (count - 1).
+    Computed in float64 and rounded once into the buffers' dtype.
     """
+    if _kernel_buffer(running_mean) and _kernel_buffer(running_var):
+        _kernels.update_running(running_mean, running_var, _f64(mean), _f64(var), float(count),
+                                float(momentum))
+        return
     unbiased = var * (count / (count - 1)) if count > 1 else var
-    if running_mean is not None:
-        running_mean *= 1.0 - momentum
-        running_mean += momentum * mean
-    if running_var is not None:
-        running_var *= 1.0 - momentum
-        running_var += momentum * unbiased
+    for run, batch in ((running_mean, mean), (running_var, unbiased)):
+        if run is not None:
+            run[...] = (1.0 - momentum) * run.astype(np.float64) + momentum * batch
+
+
+def _kernel_buffer(a):
+    return a is None or (
+        type(a) is np.ndarray and a.flags.c_contiguous and a.dtype in (_F32, _F64)
+    )
 
 
 # --------------------------------------------------------------------------- public API
@@ -451,7 +467,7 @@ def forward_with_stats(x, weight=None, bias=None, *, axis=1, eps=1e-5, activatio
     relu = _check_activation(activation)
     out = _check_out(out, x)
     n = _training_count(layout, x)
-    return _forward_train(x, layout, _f64(weight), _f64(bias), eps, relu, out) + (n,)
+    return _forward_train(x, layout, _chan(weight), _chan(bias), eps, relu, out) + (n,)
 
 
 def _forward_train(x, layout, weight, bias, eps, relu, out):
@@ -497,7 +513,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     sums = np.empty(2 * C)
     _kernels.backward(_kernel_view(layout, dy, cdt), _kernel_view(layout, x, cdt),
                       None if y is None else _kernel_view(layout, y, cdt), dest.target,
-                      layout.O, C, layout.I, _f64(mean), _f64(invstd), _f64(weight),
+                      layout.O, C, layout.I, _chan(mean), _chan(invstd), _chan(weight),
                       bool(training), sums, get_num_threads())
     dx = dest.finish(layout)
     return dx, (sums[C:] * invstd).astype(cdt, copy=False), sums[:C].astype(cdt, copy=False)
@@ -539,7 +555,7 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, *
             raise ValueError(f"momentum: expected a float in [0, 1], got {momentum}")
         n = _training_count(layout, x)
         y, mean, _invstd, var = _forward_train(
-            x, layout, _f64(weight), _f64(bias), eps, relu, out
+            x, layout, _chan(weight), _chan(bias), eps, relu, out
         )
         update_running_stats(running_mean, running_var, mean, var, n, momentum)
         return y
@@ -551,6 +567,6 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, *
     cdt = _compute_dtype(x.dtype)
     dest = _Output(layout, x, out, (x,))
     _kernels.normalize_running(_kernel_view(layout, x, cdt), dest.target, layout.O, C, layout.I,
-                               _f64(running_mean), _f64(running_var), eps, _f64(weight),
-                               _f64(bias), relu, get_num_threads())
+                               _chan(running_mean), _chan(running_var), eps, _chan(weight),
+                               _chan(bias), relu, get_num_threads())
     return dest.finish(layout)
