@@ -20,7 +20,7 @@ import operator
 
 import numpy as np
 
-from . import _backend, _kernels
+from . import _backend, _checks, _kernels
 from ._threads import get_num_threads
 
 __all__ = [
@@ -36,8 +36,6 @@ __all__ = [
     "forward_with_stats",
 ]
 
-_ACTIVATIONS = (None, "relu")
-_FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 
@@ -49,34 +47,15 @@ def _as_input(x, name):
         if hasattr(x, "__cuda_array_interface__"):
             raise TypeError(
                 f"{name}: expected a NumPy array, got {type(x).__module__}.{type(x).__name__} "
-                "(pass every array argument from the same array module)"
+                f"{_checks.MIXED}"
             )
         x = np.asarray(x)
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"{name}: expected a floating-point array (float16, float32 or float64), "
-            f"got dtype {x.dtype}"
-        )
-    return x
+    return _checks.float_dtype(x, name)
 
 
 def _check_x(x, axis):
     x = _as_input(x, "x")
-    if x.ndim < 2:
-        raise ValueError(
-            f"x: expected an array with at least 2 dimensions (batch and features), "
-            f"got shape {x.shape}"
-        )
-    try:
-        ax = operator.index(axis)
-    except TypeError:
-        raise TypeError(f"axis: expected an int, got {type(axis).__name__}") from None
-    if not -x.ndim <= ax < x.ndim:
-        raise ValueError(
-            f"axis: expected an int in [{-x.ndim}, {x.ndim - 1}] for x of shape {x.shape}, "
-            f"got {axis}"
-        )
-    return x, ax % x.ndim
+    return x, _checks.shape_axis(x, axis)
 
 
 def _check_channel(a, name, C, *, writable=False):
@@ -89,13 +68,10 @@ def _check_channel(a, name, C, *, writable=False):
         if hasattr(a, "__cuda_array_interface__"):
             raise TypeError(
                 f"{name}: expected a NumPy array, got {type(a).__module__}.{type(a).__name__} "
-                "(pass every array argument from the same array module)"
+                f"{_checks.MIXED}"
             )
         a = np.asarray(a)
-    if a.dtype.kind != "f":
-        raise TypeError(f"{name}: expected a floating-point array, got dtype {a.dtype}")
-    if a.shape != (C,):
-        raise ValueError(f"{name}: expected shape ({C},) (one value per channel), got {a.shape}")
+    _checks.channel(a, name, C)
     if writable and not a.flags.writeable:
         raise ValueError(f"{name}: expected a writable array, got a read-only one")
     return a
@@ -115,30 +91,13 @@ def _chan(a):
     return np.ascontiguousarray(a, dtype=_F64)
 
 
-def _check_eps(eps):
-    try:
-        eps = float(eps)
-    except (TypeError, ValueError):
-        raise TypeError(f"eps: expected a non-negative float, got {type(eps).__name__}") from None
-    if not (eps >= 0 and math.isfinite(eps)):
-        raise ValueError(f"eps: expected a finite non-negative float, got {eps}")
-    return eps
-
-
-def _check_activation(activation):
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
-    return activation == "relu"
+_check_eps = _checks.eps
+_check_activation = _checks.activation
 
 
 def _check_like(a, name, x):
     """An array that must match x in shape and dtype (dy, y)."""
-    a = _as_input(a, name)
-    if a.shape != x.shape:
-        raise ValueError(f"{name}: expected shape {x.shape} (the shape of x), got {a.shape}")
-    if a.dtype != x.dtype:
-        raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {a.dtype}")
-    return a
+    return _checks.like(_as_input(a, name), name, x)
 
 
 def _check_out(out, x):
@@ -146,10 +105,7 @@ def _check_out(out, x):
         return None
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out: expected a NumPy array, got {type(out).__name__}")
-    if out.shape != x.shape:
-        raise ValueError(f"out: expected shape {x.shape} (the shape of x), got {out.shape}")
-    if out.dtype != x.dtype:
-        raise TypeError(f"out: expected dtype {x.dtype} (the dtype of x), got {out.dtype}")
+    _checks.out(out, x)
     if not out.flags.writeable:
         raise ValueError("out: expected a writable array, got a read-only one")
     return out
@@ -254,13 +210,7 @@ def _kernel_view(layout, a, cdt):
 
 
 def _training_count(layout, x):
-    n = layout.O * layout.I
-    if n <= 1:
-        raise ValueError(
-            f"x: expected more than 1 value per channel when training, got input shape "
-            f"{x.shape} ({n} value(s) per channel)"
-        )
-    return n
+    return _checks.training_count(layout.O * layout.I, x.shape)
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -332,7 +282,7 @@ def backward_sums(dy, x, mean, *, axis=1, activation=None, y=None):
 def _check_relu_y(y, x, relu):
     if relu:
         if y is None:
-            raise ValueError("y: expected the forward's output when activation='relu', got None")
+            raise _checks.relu_y_missing()
         return _check_like(y, "y", x)
     return None
 
@@ -544,15 +494,7 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, *
     relu = _check_activation(activation)
     out = _check_out(out, x)
     if training:
-        try:
-            momentum = float(momentum)
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"momentum: expected a float in [0, 1], got {type(momentum).__name__} "
-                "(BatchNorm(momentum=None) gives a cumulative average)"
-            ) from None
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum: expected a float in [0, 1], got {momentum}")
+        momentum = _checks.momentum(momentum)
         n = _training_count(layout, x)
         y, mean, _invstd, var = _forward_train(
             x, layout, _chan(weight), _chan(bias), eps, relu, out

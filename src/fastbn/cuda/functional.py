@@ -17,10 +17,10 @@ float16 is converted to float32 inside the kernels (loads and stores in half, no
 of the array) and rounded back to float16 on store. ``mean`` and ``invstd`` are float64.
 """
 import math
-import operator
 
 import numpy as np
 
+from .. import _checks
 from ..functional import update_running_stats
 from . import kernels as _k
 
@@ -36,8 +36,7 @@ __all__ = [
     "forward_with_stats",
 ]
 
-_FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-_MIXED = "(pass every array argument from the same array module)"
+_MIXED = _checks.MIXED
 
 
 def _cupy():
@@ -71,31 +70,12 @@ def _as_input(cp, x, name):
     if not isinstance(x, cp.ndarray):
         _refuse_numpy(x, name)
         x = cp.asarray(x)
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"{name}: expected a floating-point array (float16, float32 or float64), "
-            f"got dtype {x.dtype}"
-        )
-    return x
+    return _checks.float_dtype(x, name)
 
 
 def _check_x(cp, x, axis):
     x = _as_input(cp, x, "x")
-    if x.ndim < 2:
-        raise ValueError(
-            f"x: expected an array with at least 2 dimensions (batch and features), "
-            f"got shape {x.shape}"
-        )
-    try:
-        ax = operator.index(axis)
-    except TypeError:
-        raise TypeError(f"axis: expected an int, got {type(axis).__name__}") from None
-    if not -x.ndim <= ax < x.ndim:
-        raise ValueError(
-            f"axis: expected an int in [{-x.ndim}, {x.ndim - 1}] for x of shape {x.shape}, "
-            f"got {axis}"
-        )
-    return x, ax % x.ndim
+    return x, _checks.shape_axis(x, axis)
 
 
 def _check_channel(cp, a, name, C, *, writable=False):
@@ -107,36 +87,16 @@ def _check_channel(cp, a, name, C, *, writable=False):
         if writable:
             raise TypeError(f"{name}: expected a writable CuPy array, got {type(a).__name__}")
         a = cp.asarray(a)
-    if a.dtype.kind != "f":
-        raise TypeError(f"{name}: expected a floating-point array, got dtype {a.dtype}")
-    if a.shape != (C,):
-        raise ValueError(f"{name}: expected shape ({C},) (one value per channel), got {a.shape}")
-    return a
+    return _checks.channel(a, name, C)
 
 
-def _check_eps(eps):
-    try:
-        eps = float(eps)
-    except (TypeError, ValueError):
-        raise TypeError(f"eps: expected a non-negative float, got {type(eps).__name__}") from None
-    if not (eps >= 0 and np.isfinite(eps)):
-        raise ValueError(f"eps: expected a finite non-negative float, got {eps}")
-    return eps
-
-
-def _check_activation(activation):
-    if activation not in (None, "relu"):
-        raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
-    return activation == "relu"
+_check_eps = _checks.eps
+_check_activation = _checks.activation
+_check_momentum = _checks.momentum
 
 
 def _check_like(cp, a, name, x):
-    a = _as_input(cp, a, name)
-    if a.shape != x.shape:
-        raise ValueError(f"{name}: expected shape {x.shape} (the shape of x), got {a.shape}")
-    if a.dtype != x.dtype:
-        raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {a.dtype}")
-    return a
+    return _checks.like(_as_input(cp, a, name), name, x)
 
 
 def _check_out(cp, out, x):
@@ -144,43 +104,20 @@ def _check_out(cp, out, x):
         return None
     if not isinstance(out, cp.ndarray):
         raise TypeError(f"out: expected a CuPy array, got {type(out).__name__}")
-    if out.shape != x.shape:
-        raise ValueError(f"out: expected shape {x.shape} (the shape of x), got {out.shape}")
-    if out.dtype != x.dtype:
-        raise TypeError(f"out: expected dtype {x.dtype} (the dtype of x), got {out.dtype}")
-    return out
+    return _checks.out(out, x)
 
 
 def _check_relu_y(cp, y, x, relu):
     if relu:
         if y is None:
-            raise ValueError("y: expected the forward's output when activation='relu', got None")
+            raise _checks.relu_y_missing()
         return _check_like(cp, y, "y", x)
     return None
 
 
-def _check_momentum(momentum):
-    try:
-        momentum = float(momentum)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"momentum: expected a float in [0, 1], got {type(momentum).__name__} "
-            "(BatchNorm(momentum=None) gives a cumulative average)"
-        ) from None
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum: expected a float in [0, 1], got {momentum}")
-    return momentum
-
-
 def _training_count(layout, x):
     outer, _C, inner = layout.shape3
-    n = outer * inner
-    if n <= 1:
-        raise ValueError(
-            f"x: expected more than 1 value per channel when training, got input shape "
-            f"{x.shape} ({n} value(s) per channel)"
-        )
-    return n
+    return _checks.training_count(outer * inner, x.shape)
 
 
 def _f64(cp, a):
