@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -33,3 +36,18 @@ TOL = {np.float64: 1e-12, np.float32: 2e-6, np.float16: 2e-3}
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+def subprocess_env(**extra):
+    """Environment for a child Python that must import the same fastbn as these tests.
+
+    The tests may run against the source tree (PYTHONPATH=src after an in-place build) or an
+    installed copy (CI: `pip install .`, where src/ holds no compiled kernels): the child gets
+    the directory of the fastbn this process imported first on its path.
+    """
+    import fastbn
+
+    here = str(Path(fastbn.__file__).resolve().parents[1])
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    return env

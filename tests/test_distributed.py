@@ -23,9 +23,10 @@ import pytest
 from conftest import rel_err
 from fastbn.layer import BatchNorm
 
+from conftest import subprocess_env
+
 HERE = Path(__file__).resolve().parent
 WORKERS = HERE / "mpi"
-SRC = HERE.parent / "src"
 LAUNCH_TIMEOUT = 90  # seconds for one mpiexec run; a hang fails the test instead of CI
 
 
@@ -83,9 +84,7 @@ def run_mpi(n, script, *args, timeout=LAUNCH_TIMEOUT):
         cmd += ["--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
     # script: a worker's name, or an absolute path (which the / below keeps as is)
     cmd += [sys.executable, str(WORKERS / script), *map(str, args)]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(SRC)] + [p for p in [env.get("PYTHONPATH")] if p])
-    env["OMP_NUM_THREADS"] = "1"  # k ranks share the machine's cores
+    env = subprocess_env(OMP_NUM_THREADS="1")  # k ranks share the machine's cores
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True)
     try:
@@ -342,7 +341,7 @@ def test_import_needs_no_mpi4py():
         "except ImportError as e:\n"
         "    print('ImportError:', e)\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(SRC))
+    env = subprocess_env()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=60)
     assert out.returncode == 0, out.stderr

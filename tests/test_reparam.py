@@ -494,10 +494,9 @@ def test_weight_norm_validation_errors():
 # --------------------------------------------------------------------------- import and script
 
 def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT / "src")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    return env
+    from conftest import subprocess_env
+
+    return subprocess_env()
 
 
 def test_import_is_light():
