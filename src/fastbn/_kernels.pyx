@@ -712,7 +712,9 @@ cdef void *_data(object a, int typenum, Py_ssize_t size, str name) except NULL:
         raise TypeError(f"fastbn kernels: {name} must be an ndarray")
     arr = <cnp.ndarray>a
     if cnp.PyArray_TYPE(arr) != typenum or not cnp.PyArray_IS_C_CONTIGUOUS(arr):
-        raise ValueError(f"fastbn kernels: {name} must be C-contiguous {cnp.PyArray_DescrFromType(typenum)}")
+        raise ValueError(
+            f"fastbn kernels: {name} must be C-contiguous {cnp.PyArray_DescrFromType(typenum)}"
+        )
     if cnp.PyArray_SIZE(arr) != size:
         raise ValueError(f"fastbn kernels: {name} must have {size} values, got {arr.size}")
     return cnp.PyArray_DATA(arr)
@@ -723,12 +725,6 @@ cdef void *_out(object a, int typenum, Py_ssize_t size, str name) except NULL:
     if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>a):
         raise ValueError(f"fastbn kernels: {name} must be writable")
     return p
-
-
-cdef inline const double *_opt(object a, Py_ssize_t C, str name) except? NULL:
-    if a is None:
-        return NULL
-    return <const double *>_data(a, cnp.NPY_FLOAT64, C, name)
 
 
 cdef const double *_chan(object a, Py_ssize_t C, str name, double *slot) except? NULL:
