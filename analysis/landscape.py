@@ -20,7 +20,6 @@ rates; the bands of the first seed), summary.md (tables over all seeds) and resu
 --quick runs a small configuration in seconds (used by the tests); the default (full) mode takes
 about a minute on 2 cores. Needs the ``analysis`` extra: matplotlib, scikit-learn, tqdm.
 """
-import argparse
 import json
 import os
 import platform
@@ -29,6 +28,7 @@ import time
 
 import numpy as np
 
+import _script  # analysis/_script.py, beside this script (sys.path[0] when run as a script)
 from fastbn.analysis import landscape, nn
 
 KINDS = ("standard", "bn")
@@ -48,39 +48,14 @@ CONFIGS = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    return _script.parse_args(
+        argv, name="landscape",
         description="Loss variation, gradient predictiveness and effective beta-smoothness "
-                    "along training, standard vs BN, at two learning rates (Santurkar et al.).")
-    parser.add_argument("out_dir", nargs="?",
-                        default=os.path.join("analysis-output", "landscape"),
-                        help="folder for the figure and summary (default: %(default)s)")
-    parser.add_argument("--out", dest="out_opt", default=None,
-                        help="same as OUT_DIR (overrides it)")
-    parser.add_argument("--quick", action="store_true",
-                        help="small network, few steps (seconds; used by the tests)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="first seed; runs use seed, seed+1, ... (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="BLAS and fastbn threads (default: %(default)s)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    if args.out_opt:
-        args.out_dir = args.out_opt
-    if args.threads < 1:
-        parser.error(f"--threads: expected an int >= 1, got {args.threads}")
-    return args
+                    "along training, standard vs BN, at two learning rates (Santurkar et al.).",
+        threads_help="BLAS and fastbn threads")
 
 
-def limit_threads(n):
-    """Pin BLAS (threadpoolctl, if installed) and fastbn to n threads; returns a keep-alive."""
-    import fastbn
-
-    fastbn.set_num_threads(n)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return None
-    return threadpool_limits(n)
+limit_threads = _script.limit_threads
 
 
 # --------------------------------------------------------------------------- training
