@@ -209,6 +209,13 @@ def _kernel_view(layout, a, cdt):
     return v if v.dtype is cdt else v.astype(cdt)
 
 
+def _grad_views(layout, x, dy, y):
+    """(dy, x, y) in canonical order and compute dtype for the backward kernels (y may be None)."""
+    cdt = _compute_dtype(x.dtype)
+    return (_kernel_view(layout, dy, cdt), _kernel_view(layout, x, cdt),
+            None if y is None else _kernel_view(layout, y, cdt))
+
+
 def _training_count(layout, x):
     return _checks.training_count(layout.O * layout.I, x.shape)
 
@@ -275,8 +282,11 @@ def backward_sums(dy, x, mean, *, axis=1, activation=None, y=None):
     mean = _check_channel(mean, "mean", C)
     relu = _check_activation(activation)
     y = _check_relu_y(y, x, relu)
-    count, s1, s2, _views = _backward_sums(dy, x, y, layout, _chan(mean))
-    return count, s1, s2
+    dy3, x3, y3 = _grad_views(layout, x, dy, y)
+    sums = np.empty(2 * C)
+    _kernels.backward_sums(dy3, x3, y3, layout.O, C, layout.I, _chan(mean), sums,
+                           get_num_threads())
+    return layout.O * layout.I, sums[:C], sums[C:]
 
 
 def _check_relu_y(y, x, relu):
@@ -285,17 +295,6 @@ def _check_relu_y(y, x, relu):
             raise _checks.relu_y_missing()
         return _check_like(y, "y", x)
     return None
-
-
-def _backward_sums(dy, x, y, layout, mean):
-    cdt = _compute_dtype(x.dtype)
-    C = layout.C
-    x3 = _kernel_view(layout, x, cdt)
-    dy3 = _kernel_view(layout, dy, cdt)
-    y3 = None if y is None else _kernel_view(layout, y, cdt)
-    sums = np.empty(2 * C)
-    _kernels.backward_sums(dy3, x3, y3, layout.O, C, layout.I, mean, sums, get_num_threads())
-    return layout.O * layout.I, sums[:C], sums[C:], (dy3, x3, y3)
 
 
 def backward_dx(dy, x, mean, invstd, sum_dy, sum_dy_xmu, count, weight=None, *, axis=1,
@@ -317,18 +316,11 @@ def backward_dx(dy, x, mean, invstd, sum_dy, sum_dy_xmu, count, weight=None, *, 
     weight = _check_channel(weight, "weight", C)
     relu = _check_activation(activation)
     y = _check_relu_y(y, x, relu)
-    cdt = _compute_dtype(x.dtype)
-    views = (_kernel_view(layout, dy, cdt), _kernel_view(layout, x, cdt),
-             None if y is None else _kernel_view(layout, y, cdt))
-    return _backward_dx(x, layout, views, _chan(mean), _chan(invstd), _chan(weight),
-                        _chan(sum_dy), _chan(sum_dy_xmu), float(count), bool(training))
-
-
-def _backward_dx(x, layout, views, mean, invstd, weight, s1, s2, count, training):
-    dy3, x3, y3 = views
+    dy3, x3, y3 = _grad_views(layout, x, dy, y)
     dest = _Output(layout, x, None, ())
-    _kernels.backward_dx(dy3, x3, y3, dest.target, layout.O, layout.C, layout.I, mean, invstd,
-                         weight, s1, s2, count, training, get_num_threads())
+    _kernels.backward_dx(dy3, x3, y3, dest.target, layout.O, C, layout.I, _chan(mean),
+                         _chan(invstd), _chan(weight), _chan(sum_dy), _chan(sum_dy_xmu),
+                         float(count), bool(training), get_num_threads())
     return dest.finish(layout)
 
 
@@ -458,15 +450,14 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     y = _check_relu_y(y, x, relu)
     if training:
         _training_count(layout, x)
-    cdt = _compute_dtype(x.dtype)
+    dy3, x3, y3 = _grad_views(layout, x, dy, y)
     dest = _Output(layout, x, None, ())
     sums = np.empty(2 * C)
-    _kernels.backward(_kernel_view(layout, dy, cdt), _kernel_view(layout, x, cdt),
-                      None if y is None else _kernel_view(layout, y, cdt), dest.target,
-                      layout.O, C, layout.I, _chan(mean), _chan(invstd), _chan(weight),
-                      bool(training), sums, get_num_threads())
-    dx = dest.finish(layout)
-    return dx, (sums[C:] * invstd).astype(cdt, copy=False), sums[:C].astype(cdt, copy=False)
+    _kernels.backward(dy3, x3, y3, dest.target, layout.O, C, layout.I, _chan(mean),
+                      _chan(invstd), _chan(weight), bool(training), sums, get_num_threads())
+    cdt = x3.dtype
+    return (dest.finish(layout), (sums[C:] * invstd).astype(cdt, copy=False),
+            sums[:C].astype(cdt, copy=False))
 
 
 def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, *, training=True,
