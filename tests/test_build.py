@@ -45,7 +45,8 @@ def build(tmp_path, cc, **env):
     shutil.copy(ROOT / "setup.py", tmp_path)
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
     shutil.copy(ROOT / "README.md", tmp_path)
-    e = dict(os.environ, CC=cc, LDSHARED=f"{cc} -shared", **env)
+    e = dict(os.environ, CC=cc, LDSHARED=f"{cc} -shared")
+    e.update(env)
     return subprocess.run(
         [sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path, env=e,
         capture_output=True, text=True, timeout=600,
@@ -58,33 +59,62 @@ def test_missing_openmp_is_an_error_when_asked(tmp_path, no_openmp_cc):
     assert "could not compile and run an OpenMP program" in r.stdout + r.stderr
 
 
-def test_missing_openmp_builds_serial_kernels_with_identical_results(tmp_path, no_openmp_cc):
-    r = build(tmp_path, no_openmp_cc)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "building serial kernels" in r.stdout + r.stderr
+def _results_of_build(tmp_path):
+    """Forward and backward of the extension built in tmp_path, and of the installed one."""
     rng = np.random.default_rng(0)
-    x = (5 + rng.standard_normal((9, 70, 301))).astype(np.float32)
-    np.save(tmp_path / "x.npy", x)
+    results = {}
+    for dtype in (np.float32, np.float64):
+        for axis, shape in ((1, (9, 70, 301)), (1, (16, 40, 7)), (-1, (50, 3, 37)),
+                            (-1, (33, 1100))):
+            key = f"{np.dtype(dtype).name}_{axis}_{'x'.join(map(str, shape))}"
+            results[key] = (5 + rng.standard_normal(shape)).astype(dtype), axis
+    np.savez(tmp_path / "x.npz", **{k: v[0] for k, v in results.items()})
     script = textwrap.dedent("""\
         import sys, numpy as np, fastbn
-        x = np.load(sys.argv[1])
-        y, m, s = fastbn.batch_norm_forward(x)
-        dx, dw, db = fastbn.batch_norm_backward(x, x, m, s)
+        xs = np.load(sys.argv[1])
+        out = {}
+        for key in xs.files:
+            x, axis = xs[key], int(key.split("_")[1])
+            y, m, s = fastbn.batch_norm_forward(x, axis=axis, activation="relu")
+            dx, dw, db = fastbn.batch_norm_backward(x, x, m, s, axis=axis, activation="relu",
+                                                    y=y)
+            out.update({f"{key}/{n}": a
+                        for n, a in dict(y=y, m=m, s=s, dx=dx, dw=dw, db=db).items()})
         print(fastbn.openmp_enabled())
-        np.savez(sys.argv[2], y=y, m=m, s=s, dx=dx, dw=dw, db=db)
+        np.savez(sys.argv[2], **out)
         """)
     out = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "x.npy"), str(tmp_path / "r.npz")],
+        [sys.executable, "-c", script, str(tmp_path / "x.npz"), str(tmp_path / "r.npz")],
         cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(tmp_path / "src")),
         capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
-    serial = np.load(tmp_path / "r.npz")
     import fastbn
 
-    y, m, s = fastbn.batch_norm_forward(x)
-    dx, dw, db = fastbn.batch_norm_backward(x, x, m, s)
+    built, here = np.load(tmp_path / "r.npz"), {}
+    for key, (x, axis) in results.items():
+        y, m, s = fastbn.batch_norm_forward(x, axis=axis, activation="relu")
+        dx, dw, db = fastbn.batch_norm_backward(x, x, m, s, axis=axis, activation="relu", y=y)
+        here.update({f"{key}/{n}": a for n, a in dict(y=y, m=m, s=s, dx=dx, dw=dw, db=db).items()})
+    return out.stdout.strip(), built, here
+
+
+def test_missing_openmp_builds_serial_kernels_with_identical_results(tmp_path, no_openmp_cc):
+    r = build(tmp_path, no_openmp_cc)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "building serial kernels" in r.stdout + r.stderr
+    openmp, serial, here = _results_of_build(tmp_path)
+    assert openmp == "False"
     # the block partition does not depend on threads: serial and OpenMP builds agree bitwise
-    for name, a in dict(y=y, m=m, s=s, dx=dx, dw=dw, db=db).items():
+    for name, a in here.items():
         assert np.array_equal(serial[name], a), name
+
+
+def test_plain_c_lanes_give_identical_results(tmp_path):
+    # Compilers without GCC/Clang vector extensions get structs of lanes (FASTBN_NO_VECTOR_EXT
+    # forces that path here): the same operations in the same order, so the same bits.
+    r = build(tmp_path, CC, CFLAGS=os.environ.get("CFLAGS", "") + " -DFASTBN_NO_VECTOR_EXT")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    _, plain, here = _results_of_build(tmp_path)
+    for name, a in here.items():
+        assert np.array_equal(plain[name], a), name

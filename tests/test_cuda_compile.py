@@ -462,6 +462,9 @@ CASES = [
 ]
 DTYPES = [np.float32, np.float64, np.float16]
 TOL = {np.float64: 1e-12, np.float32: 3e-6, np.float16: 2e-3}
+# Statistics and gradient sums: both sides accumulate float64 data in double; for float32 (and
+# float16, computed in float32) the CPU sums blocks of 8 values per lane in float first.
+SUM_TOL = {np.float64: 1e-12, np.float32: 1e-6, np.float16: 1e-6}
 
 
 def _data(shape, dtype, seed, loc=0.5):
@@ -490,8 +493,8 @@ def test_emulated_forward_matches_cpu(cp, shape, axis, dtype):
                                                     axis=axis, activation=act)
         assert isinstance(y, cp.ndarray) and y.dtype == dtype and y.shape == x.shape
         ry, rmean, rinvstd = fastbn.batch_norm_forward(x, w, b, axis=axis, activation=act)
-        _close(mean, rmean, 1e-12, "mean")
-        _close(invstd, rinvstd, 1e-9 if dtype != np.float64 else 1e-12, "invstd")
+        _close(mean, rmean, SUM_TOL[dtype], "mean")
+        _close(invstd, rinvstd, SUM_TOL[dtype], "invstd")
         # float16 outputs may differ by one half-ulp rounding of nearly equal float32 values
         _close(y, ry, TOL[dtype], f"y ({act})")
 
@@ -529,8 +532,8 @@ def test_emulated_building_blocks_match_cpu(cp, shape, axis, dtype):
     n, mean, m2 = F.channel_moments(cp.asarray(x), axis=axis)
     rn, rmean, rm2 = F.channel_moments(x, axis=axis)
     assert n == rn
-    _close(mean, rmean, 1e-12, "mean")
-    _close(m2, rm2, 1e-11, "M2")
+    _close(mean, rmean, SUM_TOL[dtype], "mean")
+    _close(m2, rm2, max(SUM_TOL[dtype], 1e-11), "M2")
     invstd = 1.0 / np.sqrt(rm2 / rn + 1e-5)
     w, b = _data((C,), np.float64, 9), _data((C,), np.float64, 10)
     y = F.normalize(cp.asarray(x), cp.asarray(rmean), cp.asarray(invstd), cp.asarray(w),
@@ -539,8 +542,9 @@ def test_emulated_building_blocks_match_cpu(cp, shape, axis, dtype):
            "normalize")
     n, s1, s2 = F.backward_sums(cp.asarray(dy), cp.asarray(x), cp.asarray(rmean), axis=axis)
     rn, rs1, rs2 = F.backward_sums(dy, x, rmean, axis=axis)
-    _close(s1, rs1, 1e-12, "sum_dy")
-    _close(s2, rs2, 1e-12, "sum_dy_xmu")
+    _close(s1, rs1, SUM_TOL[dtype], "sum_dy")
+    # a sum of products of both signs: its cancellation scales the float32 rounding up
+    _close(s2, rs2, SUM_TOL[dtype] * 10, "sum_dy_xmu")
     dx = F.backward_dx(cp.asarray(dy), cp.asarray(x), cp.asarray(rmean), cp.asarray(invstd),
                        cp.asarray(rs1), cp.asarray(rs2), rn, cp.asarray(w), axis=axis)
     rdx = F.backward_dx(dy, x, rmean, invstd, rs1, rs2, rn, w, axis=axis)

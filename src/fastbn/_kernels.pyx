@@ -32,12 +32,12 @@ cnp.import_array()
 cdef extern from "_simd.h" nogil:
     int fbn_openmp_enabled()
     int fbn_omp_max_threads()
-    void fbn_sums_float(const float *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t stride,
-                        double k, double *s1, double *s2)
-    void fbn_sums_double(const double *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t stride,
-                         double k, double *s1, double *s2)
+    void fbn_sums_float(const float *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t c0,
+                        Py_ssize_t C, const float *k, int by_channel, double *s1, double *s2)
+    void fbn_sums_double(const double *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t c0,
+                         Py_ssize_t C, const double *k, int by_channel, double *s1, double *s2)
     void fbn_sums_rows_float(const float *x, Py_ssize_t nrows, Py_ssize_t stride,
-                             Py_ssize_t width, const double *k, double *a1, double *a2)
+                             Py_ssize_t width, const float *k, double *a1, double *a2)
     void fbn_sums_rows_double(const double *x, Py_ssize_t nrows, Py_ssize_t stride,
                               Py_ssize_t width, const double *k, double *a1, double *a2)
     void fbn_norm_float(const float *x, float *y, Py_ssize_t nseg, Py_ssize_t len,
@@ -53,17 +53,18 @@ cdef extern from "_simd.h" nogil:
                               Py_ssize_t width, const double *mhi, const double *mlo,
                               const double *a, const double *b, int relu)
     void fbn_bwd_sums_float(const float *dy, const float *x, const float *y, Py_ssize_t nseg,
-                            Py_ssize_t len, Py_ssize_t stride, double mean, double *s1,
-                            double *s2)
+                            Py_ssize_t len, Py_ssize_t c0, Py_ssize_t C, const float *mhi,
+                            const float *mlo, int by_channel, double *s1, double *s2)
     void fbn_bwd_sums_double(const double *dy, const double *x, const double *y,
-                             Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t stride, double mean,
-                             double *s1, double *s2)
+                             Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t c0, Py_ssize_t C,
+                             const double *mhi, const double *mlo, int by_channel, double *s1,
+                             double *s2)
     void fbn_bwd_sums_rows_float(const float *dy, const float *x, const float *y,
                                  Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t width,
-                                 const double *mean, double *a1, double *a2)
+                                 const float *mhi, const float *mlo, double *a1, double *a2)
     void fbn_bwd_sums_rows_double(const double *dy, const double *x, const double *y,
                                   Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t width,
-                                  const double *mean, double *a1, double *a2)
+                                  const double *mhi, const double *mlo, double *a1, double *a2)
     void fbn_bwd_dx_float(const float *dy, const float *x, const float *y, float *dx,
                           Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t c0, Py_ssize_t C,
                           const float *mhi, const float *mlo, const float *a, const float *k,
@@ -84,7 +85,8 @@ cdef extern from "_simd.h" nogil:
 # Partition constants. They fix the order of every floating-point reduction, so changing one
 # changes results in the last bits (but never their thread-count invariance).
 cdef enum:
-    CHUNK = 32768       # values of one channel in one NCL task (whole segments, or a piece)
+    CHUNK = 32768       # values of one elementwise NCL task (whole segments, or a piece)
+    RUN = 65536         # values of one NCL reduction task (at least 64 * C, see _reduction)
     CL_CHUNK = 65536    # values of one channels-last block (rows x channel tile)
     TILE = 1024         # channels of one channels-last tile; lanes live in L1 (3 x 8 KB)
     MIN_LANES = 64      # below this many channels, rows are grouped into wider "super-rows"
@@ -148,15 +150,20 @@ cdef struct Ctx:
     const void *y          # IN  ReLU mask (forward output) or NULL
     void *out              # OUT y or dx
     Py_ssize_t outer, channels, inner   # the canonical shape
-    Py_ssize_t nq          # NCL: blocks per channel (see _ncl_block)
     Rows p                 # channels-last partition
+    Py_ssize_t spr         # NCL reduction: segments per run, or 0 when runs are pieces of one
+    Py_ssize_t piece       # NCL reduction: values per piece (spr == 0)
+    Py_ssize_t ppi         # NCL reduction: pieces per segment (spr == 0)
+    bint by_channel        # NCL reduction: every run spans all channels, one slot per channel
+    Py_ssize_t G, P        # reduction slots are [G][C][P]; see _merge_task
     const double *mean     # per channel
     const double *a        # per channel: scale (normalize, dx)
     const double *k        # per channel: x coefficient (dx) or shift (normalize)
     const double *c        # per channel: constant (dx)
-    const void *lanes      # channels-last: the parameters replicated over the lane width
+    const void *lanes      # per-channel parameters in the working precision, replicated over
+                           # the lane width for channels-last (see _make_lanes)
     bint relu
-    double *p1             # OUT partial results, one slot per block
+    double *p1             # OUT partial sums, one slot per (block, channel)
     double *p2
     double *r1             # OUT per-channel results
     double *r2
@@ -197,35 +204,6 @@ cdef struct Block:
     Py_ssize_t len
 
 
-cdef inline Py_ssize_t _ncl_blocks_per_channel(Py_ssize_t O, Py_ssize_t I) noexcept nogil:
-    if I <= CHUNK:
-        return (O + CHUNK // I - 1) // (CHUNK // I)
-    return O * ((I + CHUNK - 1) // CHUNK)
-
-
-cdef inline Block _ncl_block(const Ctx *ctx, Py_ssize_t c, Py_ssize_t q) noexcept nogil:
-    """Block q of channel c: whole segments when inner <= CHUNK, else a piece of one segment.
-
-    The same partition serves reductions (fixed merge order) and elementwise passes.
-    """
-    cdef Block b
-    cdef Py_ssize_t I = ctx.inner, spc, ppi, o0, i0
-    if I <= CHUNK:
-        spc = CHUNK // I
-        o0 = q * spc
-        i0 = 0
-        b.nseg = min(spc, ctx.outer - o0)
-        b.len = I
-    else:
-        ppi = (I + CHUNK - 1) // CHUNK
-        o0 = q // ppi
-        i0 = (q % ppi) * CHUNK
-        b.nseg = 1
-        b.len = min(CHUNK, I - i0)
-    b.off = (o0 * ctx.channels + c) * I + i0
-    return b
-
-
 cdef inline Py_ssize_t _ncl_runs(Py_ssize_t O, Py_ssize_t C, Py_ssize_t I) noexcept nogil:
     """Elementwise NCL tasks: runs of whole segments in memory order, or pieces of one."""
     if I <= CHUNK:
@@ -253,79 +231,82 @@ cdef inline Block _ncl_run(const Ctx *ctx, Py_ssize_t t, Py_ssize_t *c0) noexcep
     return b
 
 
-# --------------------------------------------------------------------------- statistics
+# --------------------------------------------------------------------------- reductions
 
-cdef inline void _chan_merge(double *n, double *mean, double *m2, double nb, double mb,
-                             double m2b) noexcept nogil:
-    """Merge a partial (nb, mb, m2b) into (n, mean, m2) (Chan, Golub & LeVeque)."""
-    cdef double ntot, delta
-    if nb == 0:
-        return
-    if n[0] == 0:
-        n[0] = nb
-        mean[0] = mb
-        m2[0] = m2b
-        return
-    ntot = n[0] + nb
-    delta = mb - mean[0]
-    mean[0] = mean[0] + delta * (nb / ntot)
-    m2[0] = m2[0] + m2b + delta * delta * (n[0] * (nb / ntot))
-    n[0] = ntot
+cdef Py_ssize_t _reduction(Ctx *ctx) noexcept nogil:
+    """Set up the partition of a per-channel reduction over ctx's array; returns its tasks.
+
+    Each task adds its values into its own slots (two doubles each), laid out [G][C][P]: channel
+    c's sum is that of its G*P slots in this order (_merge_task), whatever the thread count.
+    Channels-last: blocks of rows x a channel tile, a slot per (row block, channel). NCL: runs
+    of whole segments in memory order, a slot per segment, or per channel when every run
+    spans all channels; or pieces of one segment when a segment is longer than a run.
+    """
+    cdef Py_ssize_t O = ctx.outer, C = ctx.channels, I = ctx.inner, run, ntasks
+    if I == 1:
+        ctx.p = _rows_partition(O, C, CL_CHUNK)
+        ctx.G = ctx.p.nb
+        ctx.P = 1
+        return ctx.p.nb * ctx.p.ntiles
+    # Runs of at least 64 * C values keep the slots of by-channel runs under 1/16 of x.
+    run = max(<Py_ssize_t>RUN, 64 * C)
+    if I > run:
+        ctx.spr = 0
+        ctx.piece = run
+        ctx.ppi = (I + run - 1) // run
+        ctx.by_channel = False
+        ctx.G = O
+        ctx.P = ctx.ppi
+        return O * C * ctx.ppi
+    ctx.spr = run // I
+    ctx.by_channel = ctx.spr >= C
+    ntasks = (O * C + ctx.spr - 1) // ctx.spr
+    ctx.G = ntasks if ctx.by_channel else O
+    ctx.P = 1
+    return ntasks
 
 
-cdef inline void _block_moments(double cnt, double k, double s1, double s2, double *mean,
-                                double *m2) noexcept nogil:
-    """(mean, M2) of a block from its sums shifted by k, a sample of the block."""
-    cdef double d = s1 / cnt
-    mean[0] = k + d
-    m2[0] = s2 - s1 * d
-    if m2[0] < 0:  # rounding when all values are (nearly) equal; NaN stays NaN
-        m2[0] = 0
+cdef inline Block _reduction_run(const Ctx *ctx, Py_ssize_t t, Py_ssize_t *c0,
+                                 Py_ssize_t *slot, Py_ssize_t *nslots) noexcept nogil:
+    # NCL task t (see _reduction): its values, first channel, first slot and number of slots.
+    cdef Block b
+    cdef Py_ssize_t I = ctx.inner, s0
+    if ctx.spr == 0:
+        s0 = t // ctx.ppi
+        b.nseg = 1
+        b.off = s0 * I + (t % ctx.ppi) * ctx.piece
+        b.len = min(ctx.piece, I - (t % ctx.ppi) * ctx.piece)
+        slot[0] = t
+        nslots[0] = 1
+    else:
+        s0 = t * ctx.spr
+        b.nseg = min(ctx.spr, ctx.outer * ctx.channels - s0)
+        b.len = I
+        b.off = s0 * I
+        slot[0] = t * ctx.channels if ctx.by_channel else s0
+        nslots[0] = ctx.channels if ctx.by_channel else b.nseg
+    c0[0] = s0 % ctx.channels
+    return b
 
 
-cdef void _ncl_stats(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
-    # Task t: block t % nq of channel t // nq; shifted by its first value.
-    cdef Block blk = _ncl_block(ctx, t // ctx.nq, t % ctx.nq)
-    cdef Py_ssize_t stride = ctx.channels * ctx.inner
+cdef void _merge_task(const Ctx *ctx, Py_ssize_t c) noexcept nogil:
+    # Channel c: r1[c], r2[c] = the sums of its slots, in slot order.
+    cdef Py_ssize_t g, q, base, C = ctx.channels, P = ctx.P
     cdef double s1 = 0, s2 = 0
-    cdef double k = x[blk.off]
-    if floating is float:
-        fbn_sums_float(x + blk.off, blk.nseg, blk.len, stride, k, &s1, &s2)
-    else:
-        fbn_sums_double(x + blk.off, blk.nseg, blk.len, stride, k, &s1, &s2)
-    _block_moments(<double>(blk.nseg * blk.len), k, s1, s2, ctx.p1 + t, ctx.p2 + t)
+    for g in range(ctx.G):
+        base = (g * C + c) * P
+        for q in range(P):
+            s1 += ctx.p1[base + q]
+            s2 += ctx.p2[base + q]
+    ctx.r1[c] = s1
+    ctx.r2[c] = s2
 
 
-cdef void _rows_stats(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
-    # Task t: rows [b*rb, (b+1)*rb) x channels [tl*tile, (tl+1)*tile); writes slots b*C + c.
-    cdef double k[TILE]
-    cdef double a1[TILE]
-    cdef double a2[TILE]
-    cdef const Rows *p = &ctx.p
-    cdef Py_ssize_t b = t // p.ntiles
-    cdef Py_ssize_t r0 = b * p.rb
-    cdef Py_ssize_t r1 = min(p.R, r0 + p.rb)
-    cdef Py_ssize_t c0 = (t % p.ntiles) * p.tile
-    cdef Py_ssize_t cw = min(p.tile, p.C - c0)
-    cdef Py_ssize_t width = p.m * cw
-    cdef Py_ssize_t nsr = (r1 - r0) // p.m
-    cdef Py_ssize_t j, c
+cdef void _rows_reduce_tile(const Ctx *ctx, Py_ssize_t b, Py_ssize_t c0, Py_ssize_t cw,
+                            const double *a1, const double *a2) noexcept nogil:
+    # Fold the m*cw lanes of a channels-last tile (lane j: channel c0 + j % cw) into its slots.
+    cdef Py_ssize_t c, j, width = ctx.p.m * cw
     cdef double s1, s2
-    for j in range(width):
-        k[j] = x[r0 * p.C + c0 + j % cw]
-        a1[j] = 0
-        a2[j] = 0
-    # super-rows are contiguous (m > 1 only when the tile is the whole row)
-    if floating is float:
-        fbn_sums_rows_float(x + r0 * p.C + c0, nsr, p.m * p.C, width, k, a1, a2)
-        if r0 + nsr * p.m < r1:
-            fbn_sums_rows_float(x + (r0 + nsr * p.m) * p.C + c0, r1 - r0 - nsr * p.m, p.C, cw,
-                                k, a1, a2)
-    else:
-        fbn_sums_rows_double(x + r0 * p.C + c0, nsr, p.m * p.C, width, k, a1, a2)
-        if r0 + nsr * p.m < r1:
-            fbn_sums_rows_double(x + (r0 + nsr * p.m) * p.C + c0, r1 - r0 - nsr * p.m, p.C, cw,
-                                 k, a1, a2)
     for c in range(cw):
         s1 = 0
         s2 = 0
@@ -334,8 +315,71 @@ cdef void _rows_stats(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept 
             s1 += a1[j]
             s2 += a2[j]
             j += cw
-        _block_moments(<double>(r1 - r0), k[c], s1, s2,
-                       ctx.p1 + b * p.C + c0 + c, ctx.p2 + b * p.C + c0 + c)
+        ctx.p1[b * ctx.channels + c0 + c] = s1
+        ctx.p2[b * ctx.channels + c0 + c] = s2
+
+
+cdef int _reduce(Ctx *ctx, task_fn task, double *r1, double *r2, int nthreads) noexcept nogil:
+    """Run a reduction (task over the partition of _reduction) and merge it into r1, r2 (C
+    each). ctx.lanes must hold what the tasks read. Returns -1 when out of memory."""
+    cdef Py_ssize_t ntasks = _reduction(ctx)
+    cdef Py_ssize_t nslots = ctx.G * ctx.channels * ctx.P
+    cdef int nt = _nthreads(nthreads, ctx.outer * ctx.channels * ctx.inner)
+    ctx.p1 = <double *> malloc((2 * nslots + 1) * sizeof(double))
+    if ctx.p1 == NULL:
+        return -1
+    ctx.p2 = ctx.p1 + nslots
+    ctx.r1 = r1
+    ctx.r2 = r2
+    _run(task, ctx, ntasks, nt)
+    _run(_merge_task, ctx, ctx.channels, nt)
+    free(ctx.p1)
+    ctx.p1 = ctx.p2 = NULL
+    return 0
+
+
+# --------------------------------------------------------------------------- statistics
+
+cdef void _ncl_stats(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
+    # Task t: sums of x - k over a run; lanes = k, each channel's first value (C of them).
+    cdef Py_ssize_t c0, o, n
+    cdef Block blk = _reduction_run(ctx, t, &c0, &o, &n)
+    memset(ctx.p1 + o, 0, n * sizeof(double))
+    memset(ctx.p2 + o, 0, n * sizeof(double))
+    if floating is float:
+        fbn_sums_float(x + blk.off, blk.nseg, blk.len, c0, ctx.channels,
+                       <const float *>ctx.lanes, ctx.by_channel, ctx.p1 + o, ctx.p2 + o)
+    else:
+        fbn_sums_double(x + blk.off, blk.nseg, blk.len, c0, ctx.channels,
+                        <const double *>ctx.lanes, ctx.by_channel, ctx.p1 + o, ctx.p2 + o)
+
+
+cdef void _rows_stats(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
+    # Task t: rows [b*rb, (b+1)*rb) x channels [tl*tile, (tl+1)*tile); lanes = k over m*C.
+    cdef double a1[TILE]
+    cdef double a2[TILE]
+    cdef const Rows *p = &ctx.p
+    cdef const floating *k = <const floating *>ctx.lanes
+    cdef Py_ssize_t b = t // p.ntiles
+    cdef Py_ssize_t r0 = b * p.rb
+    cdef Py_ssize_t r1 = min(p.R, r0 + p.rb)
+    cdef Py_ssize_t c0 = (t % p.ntiles) * p.tile
+    cdef Py_ssize_t cw = min(p.tile, p.C - c0)
+    cdef Py_ssize_t width = p.m * cw
+    cdef Py_ssize_t nsr = (r1 - r0) // p.m
+    cdef Py_ssize_t rl = r0 + nsr * p.m
+    memset(a1, 0, width * sizeof(double))
+    memset(a2, 0, width * sizeof(double))
+    # super-rows are contiguous (m > 1 only when the tile is the whole row)
+    if floating is float:
+        fbn_sums_rows_float(x + r0 * p.C + c0, nsr, p.m * p.C, width, k + c0, a1, a2)
+        if rl < r1:
+            fbn_sums_rows_float(x + rl * p.C + c0, r1 - rl, p.C, cw, k + c0, a1, a2)
+    else:
+        fbn_sums_rows_double(x + r0 * p.C + c0, nsr, p.m * p.C, width, k + c0, a1, a2)
+        if rl < r1:
+            fbn_sums_rows_double(x + rl * p.C + c0, r1 - rl, p.C, cw, k + c0, a1, a2)
+    _rows_reduce_tile(ctx, b, c0, cw, a1, a2)
 
 
 cdef void _stats_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
@@ -351,50 +395,50 @@ cdef void _stats_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
             _rows_stats(<const double *>ctx.x, ctx, t)
 
 
-cdef void _merge_stats_task(const Ctx *ctx, Py_ssize_t c) noexcept nogil:
-    # Channel c: merge its blocks in block order (fixed, whatever the thread count).
-    cdef double n = 0
-    cdef Py_ssize_t q
-    cdef Block blk
-    ctx.r1[c] = 0
-    ctx.r2[c] = 0
-    if ctx.inner > 1:
-        for q in range(ctx.nq):
-            blk = _ncl_block(ctx, c, q)
-            _chan_merge(&n, ctx.r1 + c, ctx.r2 + c, <double>(blk.nseg * blk.len),
-                        ctx.p1[c * ctx.nq + q], ctx.p2[c * ctx.nq + q])
-    else:
-        for q in range(ctx.p.nb):
-            _chan_merge(&n, ctx.r1 + c, ctx.r2 + c,
-                        <double>(min(ctx.outer, (q + 1) * ctx.p.rb) - q * ctx.p.rb),
-                        ctx.p1[q * ctx.channels + c], ctx.p2[q * ctx.channels + c])
-
-
-cdef Py_ssize_t _nblocks(Ctx *ctx) noexcept nogil:
-    """Set up the reduction partition of ctx; returns the number of block slots (tasks)."""
-    if ctx.inner > 1:
-        ctx.nq = _ncl_blocks_per_channel(ctx.outer, ctx.inner)
-        return ctx.channels * ctx.nq
-    ctx.p = _rows_partition(ctx.outer, ctx.channels, CL_CHUNK)
-    return ctx.p.nb * ctx.p.ntiles
+cdef void *_first_values(const Ctx *ctx, Py_ssize_t m) noexcept nogil:
+    """Each channel's first value in the working precision, replicated over m*C lanes (lane j:
+    channel j % C): the shift k of the statistics. A sample of the channel is within a few
+    standard deviations of its mean, so sums of x - k and (x - k)^2 lose nothing to a large
+    mean; one shift per channel (not per block) lets the blocks merge by plain addition."""
+    cdef Py_ssize_t w = m * ctx.channels, j, C = ctx.channels, I = ctx.inner
+    cdef float *f
+    cdef double *d
+    if ctx.f32:
+        f = <float *> malloc(w * sizeof(float) + 1)
+        if f != NULL:
+            for j in range(w):
+                f[j] = (<const float *>ctx.x)[(j % C) * I]
+        return f
+    d = <double *> malloc(w * sizeof(double) + 1)
+    if d != NULL:
+        for j in range(w):
+            d[j] = (<const double *>ctx.x)[(j % C) * I]
+    return d
 
 
 cdef int _stats(Ctx *ctx, double *mean, double *m2, int nthreads) noexcept nogil:
-    """Per-channel mean and M2 of ctx.x. Returns -1 when out of memory."""
-    cdef Py_ssize_t ntasks = _nblocks(ctx)
-    cdef Py_ssize_t nslots = ctx.channels * ctx.nq if ctx.inner > 1 else ctx.p.nb * ctx.channels
-    cdef int nt = _nthreads(nthreads, ctx.outer * ctx.channels * ctx.inner)
-    ctx.p1 = <double *> malloc((2 * nslots + 1) * sizeof(double))
-    if ctx.p1 == NULL:
+    """Per-channel mean and M2 of ctx.x (outer * inner >= 1). Returns -1 when out of memory."""
+    cdef Py_ssize_t c, C = ctx.channels
+    cdef double n = <double>(ctx.outer * ctx.inner), k, s1
+    cdef int rc
+    cdef void *shift
+    ctx.p = _rows_partition(ctx.outer, C, CL_CHUNK)
+    shift = _first_values(ctx, ctx.p.m if ctx.inner == 1 else 1)
+    if shift == NULL:
         return -1
-    ctx.p2 = ctx.p1 + nslots
-    ctx.r1 = mean
-    ctx.r2 = m2
-    _run(_stats_task, ctx, ntasks, nt)
-    _run(_merge_stats_task, ctx, ctx.channels, nt)
-    free(ctx.p1)
-    ctx.p1 = ctx.p2 = NULL
-    return 0
+    ctx.lanes = shift
+    rc = _reduce(ctx, _stats_task, mean, m2, nthreads)
+    if rc == 0:
+        for c in range(C):
+            k = (<const float *>shift)[c] if ctx.f32 else (<const double *>shift)[c]
+            s1 = mean[c]
+            mean[c] = k + s1 / n
+            m2[c] = m2[c] - s1 * (s1 / n)
+            if m2[c] < 0:  # rounding when all values are (nearly) equal; NaN stays NaN
+                m2[c] = 0
+    ctx.lanes = NULL
+    free(shift)
+    return rc
 
 
 # --------------------------------------------------------------------------- elementwise
@@ -504,28 +548,33 @@ cdef int _normalize(Ctx *ctx, int nthreads) noexcept nogil:
 # --------------------------------------------------------------------------- backward
 
 cdef void _ncl_bsums(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
+    # Task t: a run (see _reduction); lanes = [mhi | mlo], C each.
     cdef const floating *dy = <const floating *>ctx.dy
     cdef const floating *y = <const floating *>ctx.y
-    cdef Py_ssize_t c = t // ctx.nq
-    cdef Block blk = _ncl_block(ctx, c, t % ctx.nq)
-    cdef Py_ssize_t stride = ctx.channels * ctx.inner
-    ctx.p1[t] = 0
-    ctx.p2[t] = 0
+    cdef const floating *L = <const floating *>ctx.lanes
+    cdef Py_ssize_t c0, o, n, C = ctx.channels
+    cdef Block blk = _reduction_run(ctx, t, &c0, &o, &n)
+    memset(ctx.p1 + o, 0, n * sizeof(double))
+    memset(ctx.p2 + o, 0, n * sizeof(double))
     if floating is float:
         fbn_bwd_sums_float(dy + blk.off, x + blk.off, y + blk.off if y != NULL else NULL,
-                           blk.nseg, blk.len, stride, ctx.mean[c], ctx.p1 + t, ctx.p2 + t)
+                           blk.nseg, blk.len, c0, C, L, L + C, ctx.by_channel, ctx.p1 + o,
+                           ctx.p2 + o)
     else:
         fbn_bwd_sums_double(dy + blk.off, x + blk.off, y + blk.off if y != NULL else NULL,
-                            blk.nseg, blk.len, stride, ctx.mean[c], ctx.p1 + t, ctx.p2 + t)
+                            blk.nseg, blk.len, c0, C, L, L + C, ctx.by_channel, ctx.p1 + o,
+                            ctx.p2 + o)
 
 
 cdef void _rows_bsums(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
+    # Task t: a block of rows x a channel tile (see _rows_stats); lanes = [mhi | mlo], m*C each.
     cdef const floating *dy = <const floating *>ctx.dy
     cdef const floating *y = <const floating *>ctx.y
-    cdef double mu[TILE]
     cdef double a1[TILE]
     cdef double a2[TILE]
     cdef const Rows *p = &ctx.p
+    cdef const floating *mh = <const floating *>ctx.lanes
+    cdef const floating *ml = mh + p.m * p.C
     cdef Py_ssize_t b = t // p.ntiles
     cdef Py_ssize_t r0 = b * p.rb
     cdef Py_ssize_t r1 = min(p.R, r0 + p.rb)
@@ -534,34 +583,22 @@ cdef void _rows_bsums(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept 
     cdef Py_ssize_t width = p.m * cw
     cdef Py_ssize_t nsr = (r1 - r0) // p.m
     cdef Py_ssize_t rl = r0 + nsr * p.m
-    cdef Py_ssize_t j, c, off = r0 * p.C + c0, offl = rl * p.C + c0
-    cdef double s1, s2
-    for j in range(width):
-        mu[j] = ctx.mean[c0 + j % cw]
-        a1[j] = 0
-        a2[j] = 0
+    cdef Py_ssize_t off = r0 * p.C + c0, offl = rl * p.C + c0
+    memset(a1, 0, width * sizeof(double))
+    memset(a2, 0, width * sizeof(double))
     if floating is float:
         fbn_bwd_sums_rows_float(dy + off, x + off, y + off if y != NULL else NULL, nsr,
-                                p.m * p.C, width, mu, a1, a2)
+                                p.m * p.C, width, mh + c0, ml + c0, a1, a2)
         if rl < r1:
             fbn_bwd_sums_rows_float(dy + offl, x + offl, y + offl if y != NULL else NULL,
-                                    r1 - rl, p.C, cw, mu, a1, a2)
+                                    r1 - rl, p.C, cw, mh + c0, ml + c0, a1, a2)
     else:
         fbn_bwd_sums_rows_double(dy + off, x + off, y + off if y != NULL else NULL, nsr,
-                                 p.m * p.C, width, mu, a1, a2)
+                                 p.m * p.C, width, mh + c0, ml + c0, a1, a2)
         if rl < r1:
             fbn_bwd_sums_rows_double(dy + offl, x + offl, y + offl if y != NULL else NULL,
-                                     r1 - rl, p.C, cw, mu, a1, a2)
-    for c in range(cw):
-        s1 = 0
-        s2 = 0
-        j = c
-        while j < width:
-            s1 += a1[j]
-            s2 += a2[j]
-            j += cw
-        ctx.p1[b * p.C + c0 + c] = s1
-        ctx.p2[b * p.C + c0 + c] = s2
+                                     r1 - rl, p.C, cw, mh + c0, ml + c0, a1, a2)
+    _rows_reduce_tile(ctx, b, c0, cw, a1, a2)
 
 
 cdef void _bsums_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
@@ -577,37 +614,19 @@ cdef void _bsums_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
             _rows_bsums(<const double *>ctx.x, ctx, t)
 
 
-cdef void _merge_sums_task(const Ctx *ctx, Py_ssize_t c) noexcept nogil:
-    # Channel c: add its blocks in block order.
-    cdef Py_ssize_t q, nblk, stride, first
-    cdef double s1 = 0, s2 = 0
-    if ctx.inner > 1:
-        nblk, stride, first = ctx.nq, 1, c * ctx.nq
-    else:
-        nblk, stride, first = ctx.p.nb, ctx.channels, c
-    for q in range(nblk):
-        s1 += ctx.p1[first + q * stride]
-        s2 += ctx.p2[first + q * stride]
-    ctx.r1[c] = s1
-    ctx.r2[c] = s2
-
-
 cdef int _bwd_sums(Ctx *ctx, double *sum_dy, double *sum_dy_xmu, int nthreads) noexcept nogil:
     """Per channel: sum(g) and sum(g * (x - mean)), g = dy (masked by y > 0 if y)."""
-    cdef Py_ssize_t ntasks = _nblocks(ctx)
-    cdef Py_ssize_t nslots = ctx.channels * ctx.nq if ctx.inner > 1 else ctx.p.nb * ctx.channels
-    cdef int nt = _nthreads(nthreads, ctx.outer * ctx.channels * ctx.inner)
-    ctx.p1 = <double *> malloc((2 * nslots + 1) * sizeof(double))
-    if ctx.p1 == NULL:
+    cdef void *lanes
+    cdef int rc
+    ctx.p = _rows_partition(ctx.outer, ctx.channels, CL_CHUNK)
+    lanes = _make_lanes(ctx, 2, ctx.p.m if ctx.inner == 1 else 1)
+    if lanes == NULL:
         return -1
-    ctx.p2 = ctx.p1 + nslots
-    ctx.r1 = sum_dy
-    ctx.r2 = sum_dy_xmu
-    _run(_bsums_task, ctx, ntasks, nt)
-    _run(_merge_sums_task, ctx, ctx.channels, nt)
-    free(ctx.p1)
-    ctx.p1 = ctx.p2 = NULL
-    return 0
+    ctx.lanes = lanes
+    rc = _reduce(ctx, _bsums_task, sum_dy, sum_dy_xmu, nthreads)
+    ctx.lanes = NULL
+    free(lanes)
+    return rc
 
 
 cdef void _ncl_dx(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
