@@ -406,20 +406,19 @@ cdef void *_first_values(const Ctx *ctx, Py_ssize_t m) noexcept nogil:
     channel j % C): the shift k of the statistics. A sample of the channel is within a few
     standard deviations of its mean, so sums of x - k and (x - k)^2 lose nothing to a large
     mean; one shift per channel (not per block) lets the blocks merge by plain addition."""
-    cdef Py_ssize_t w = m * ctx.channels, j, C = ctx.channels, I = ctx.inner
-    cdef float *f
-    cdef double *d
-    if ctx.f32:
-        f = <float *> malloc(w * sizeof(float) + 1)
-        if f != NULL:
-            for j in range(w):
-                f[j] = (<const float *>ctx.x)[(j % C) * I]
-        return f
-    d = <double *> malloc(w * sizeof(double) + 1)
-    if d != NULL:
-        for j in range(w):
-            d[j] = (<const double *>ctx.x)[(j % C) * I]
-    return d
+    cdef Py_ssize_t c, r, C = ctx.channels, I = ctx.inner
+    cdef size_t size = sizeof(float) if ctx.f32 else sizeof(double)
+    cdef char *k = <char *> malloc(m * C * size + 1)
+    if k == NULL:
+        return NULL
+    for c in range(C):
+        if ctx.f32:
+            (<float *>k)[c] = (<const float *>ctx.x)[c * I]
+        else:
+            (<double *>k)[c] = (<const double *>ctx.x)[c * I]
+    for r in range(1, m):
+        memcpy(k + r * C * size, k, C * size)
+    return k
 
 
 cdef int _stats(Ctx *ctx, double *mean, double *m2, int nthreads) noexcept nogil:
@@ -462,25 +461,31 @@ cdef void _ncl_norm(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept no
                         L + C, L + 2 * C, L + 3 * C, ctx.relu)
 
 
-cdef void _rows_norm(const floating *x, const Ctx *ctx, Py_ssize_t b) noexcept nogil:
-    # Task b: row block b. lanes = [mhi | mlo | scale | shift], each m*C wide.
+cdef void _rows_norm(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
+    # Task t: row block t // ntiles x lane tile t % ntiles (the whole super-row when m > 1).
+    # lanes = [mhi | mlo | scale | shift], each m*C wide. Tiles give wide rows (C = 4096, 64
+    # rows: a single row block) tasks for every thread, and keep the parameter rows in L1.
     cdef const Rows *p = &ctx.p
     cdef const floating *L = <const floating *>ctx.lanes
     cdef floating *y = <floating *>ctx.out
     cdef Py_ssize_t C = p.C, w = p.m * p.C
+    cdef Py_ssize_t b = t // p.ntiles
+    cdef Py_ssize_t j = (t % p.ntiles) * p.tile
+    cdef Py_ssize_t jw = min(p.m * p.tile, w - j)
     cdef Py_ssize_t r0 = b * p.rb
     cdef Py_ssize_t r1 = min(p.R, r0 + p.rb)
     cdef Py_ssize_t nsr = (r1 - r0) // p.m
     cdef Py_ssize_t rl = r0 + nsr * p.m
+    cdef Py_ssize_t o = r0 * C + j
     if floating is float:
-        fbn_norm_rows_float(x + r0 * C, y + r0 * C, nsr, w, w, L, L + w, L + 2 * w, L + 3 * w,
-                            ctx.relu)
-        if rl < r1:
+        fbn_norm_rows_float(x + o, y + o, nsr, w, jw, L + j, L + w + j, L + 2 * w + j,
+                            L + 3 * w + j, ctx.relu)
+        if rl < r1:  # rows that do not fill a super-row (m > 1, so a single tile)
             fbn_norm_rows_float(x + rl * C, y + rl * C, r1 - rl, C, C, L, L + w, L + 2 * w,
                                 L + 3 * w, ctx.relu)
     else:
-        fbn_norm_rows_double(x + r0 * C, y + r0 * C, nsr, w, w, L, L + w, L + 2 * w, L + 3 * w,
-                             ctx.relu)
+        fbn_norm_rows_double(x + o, y + o, nsr, w, jw, L + j, L + w + j, L + 2 * w + j,
+                             L + 3 * w + j, ctx.relu)
         if rl < r1:
             fbn_norm_rows_double(x + rl * C, y + rl * C, r1 - rl, C, C, L, L + w, L + 2 * w,
                                  L + 3 * w, ctx.relu)
@@ -502,32 +507,33 @@ cdef void _norm_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
 cdef void *_make_lanes(const Ctx *ctx, Py_ssize_t nparams, Py_ssize_t m) noexcept nogil:
     """[mhi | mlo | a | k | c][:nparams] in the working precision, each replicated to m*C lanes
     (m = 1: one value per channel, for the NCL runs)."""
-    cdef Py_ssize_t w = m * ctx.channels, j, C = ctx.channels
+    cdef Py_ssize_t w = m * ctx.channels, c, C = ctx.channels, i, r
     cdef const double *src[3]
-    cdef Py_ssize_t i
-    cdef float *f
-    cdef double *d
+    cdef size_t size = sizeof(float) if ctx.f32 else sizeof(double)
+    cdef char *lanes = <char *> malloc(nparams * w * size + 1)
+    cdef float *f = <float *>lanes
+    cdef double *d = <double *>lanes
+    if lanes == NULL:
+        return NULL
     src[0] = ctx.a
     src[1] = ctx.k
     src[2] = ctx.c
-    if ctx.f32:
-        f = <float *> malloc(nparams * w * sizeof(float))
-        if f == NULL:
-            return NULL
-        for j in range(w):
-            _split(ctx.mean[j % C], f + j, f + w + j)
-            for i in range(nparams - 2):
-                f[(2 + i) * w + j] = <float>src[i][j % C]
-        return f
-    d = <double *> malloc(nparams * w * sizeof(double))
-    if d == NULL:
-        return NULL
-    for j in range(w):
-        d[j] = ctx.mean[j % C]
-        d[w + j] = 0
+    for c in range(C):
+        if ctx.f32:
+            _split(ctx.mean[c], f + c, f + w + c)
+        else:
+            d[c] = ctx.mean[c]
+            d[w + c] = 0
         for i in range(nparams - 2):
-            d[(2 + i) * w + j] = src[i][j % C]
-    return d
+            if ctx.f32:
+                f[(2 + i) * w + c] = <float>src[i][c]
+            else:
+                d[(2 + i) * w + c] = src[i][c]
+    # copies for the other m - 1 rows of a super-row (a modulo per lane cost ~10 ns/channel)
+    for i in range(nparams):
+        for r in range(1, m):
+            memcpy(lanes + (i * w + r * C) * size, lanes + i * w * size, C * size)
+    return lanes
 
 
 cdef int _normalize(Ctx *ctx, int nthreads) noexcept nogil:
@@ -541,7 +547,7 @@ cdef int _normalize(Ctx *ctx, int nthreads) noexcept nogil:
     else:
         ctx.p = _rows_partition(ctx.outer, ctx.channels, CL_CHUNK)
         lanes = _make_lanes(ctx, 4, ctx.p.m)
-        ntasks = ctx.p.nb
+        ntasks = ctx.p.nb * ctx.p.ntiles
     if lanes == NULL:
         return -1
     ctx.lanes = lanes
@@ -652,33 +658,34 @@ cdef void _ncl_dx(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogi
                           L + 2 * C, L + 3 * C, L + 4 * C)
 
 
-cdef void _rows_dx(const floating *x, const Ctx *ctx, Py_ssize_t b) noexcept nogil:
-    # Task b: row block b. lanes = [mhi | mlo | a | k | c], each m*C wide.
+cdef void _rows_dx(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
+    # Task t: a row block x lane tile as in _rows_norm. lanes = [mhi | mlo | a | k | c].
     cdef const floating *dy = <const floating *>ctx.dy
     cdef const floating *y = <const floating *>ctx.y
     cdef floating *dx = <floating *>ctx.out
     cdef const Rows *p = &ctx.p
     cdef const floating *L = <const floating *>ctx.lanes
     cdef Py_ssize_t C = p.C, w = p.m * p.C
+    cdef Py_ssize_t b = t // p.ntiles
+    cdef Py_ssize_t j = (t % p.ntiles) * p.tile
+    cdef Py_ssize_t jw = min(p.m * p.tile, w - j)
     cdef Py_ssize_t r0 = b * p.rb
     cdef Py_ssize_t r1 = min(p.R, r0 + p.rb)
     cdef Py_ssize_t nsr = (r1 - r0) // p.m
     cdef Py_ssize_t rl = r0 + nsr * p.m
-    cdef Py_ssize_t off = r0 * C, offl = rl * C
+    cdef Py_ssize_t o = r0 * C + j, ol = rl * C
     if floating is float:
-        fbn_bwd_dx_rows_float(dy + off, x + off, y + off if y != NULL else NULL, dx + off, nsr,
-                              w, w, L, L + w, L + 2 * w, L + 3 * w, L + 4 * w)
+        fbn_bwd_dx_rows_float(dy + o, x + o, y + o if y != NULL else NULL, dx + o, nsr, w, jw,
+                              L + j, L + w + j, L + 2 * w + j, L + 3 * w + j, L + 4 * w + j)
         if rl < r1:
-            fbn_bwd_dx_rows_float(dy + offl, x + offl, y + offl if y != NULL else NULL,
-                                  dx + offl, r1 - rl, C, C, L, L + w, L + 2 * w, L + 3 * w,
-                                  L + 4 * w)
+            fbn_bwd_dx_rows_float(dy + ol, x + ol, y + ol if y != NULL else NULL, dx + ol,
+                                  r1 - rl, C, C, L, L + w, L + 2 * w, L + 3 * w, L + 4 * w)
     else:
-        fbn_bwd_dx_rows_double(dy + off, x + off, y + off if y != NULL else NULL, dx + off, nsr,
-                               w, w, L, L + w, L + 2 * w, L + 3 * w, L + 4 * w)
+        fbn_bwd_dx_rows_double(dy + o, x + o, y + o if y != NULL else NULL, dx + o, nsr, w, jw,
+                               L + j, L + w + j, L + 2 * w + j, L + 3 * w + j, L + 4 * w + j)
         if rl < r1:
-            fbn_bwd_dx_rows_double(dy + offl, x + offl, y + offl if y != NULL else NULL,
-                                   dx + offl, r1 - rl, C, C, L, L + w, L + 2 * w, L + 3 * w,
-                                   L + 4 * w)
+            fbn_bwd_dx_rows_double(dy + ol, x + ol, y + ol if y != NULL else NULL, dx + ol,
+                                   r1 - rl, C, C, L, L + w, L + 2 * w, L + 3 * w, L + 4 * w)
 
 
 cdef void _dx_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
@@ -705,7 +712,7 @@ cdef int _bwd_dx(Ctx *ctx, int nthreads) noexcept nogil:
     else:
         ctx.p = _rows_partition(ctx.outer, ctx.channels, CL_CHUNK)
         lanes = _make_lanes(ctx, 5, ctx.p.m)
-        ntasks = ctx.p.nb
+        ntasks = ctx.p.nb * ctx.p.ntiles
     if lanes == NULL:
         return -1
     ctx.lanes = lanes
