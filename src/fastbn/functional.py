@@ -434,6 +434,10 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     dbias = sum(g) are returned in x's compute dtype (float32 for float16 input) whether or
     not ``weight`` is given.
     """
+    grads = _kernels.batch_norm_backward_fast(dy, x, mean, invstd, weight, axis, training,
+                                              activation, y, get_num_threads())
+    if grads is not None:  # plain NumPy arguments: validated and run in one C call
+        return grads
     if _backend.is_cupy_array(x):  # CuPy input: the GPU path (fastbn.cuda)
         from .cuda import functional as _gpu
 
@@ -468,6 +472,11 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, *
     given, updates them in place (unbiased variance, PyTorch's momentum convention).
     training=False normalises with running_mean/running_var, which are then required.
     """
+    if out is None:  # plain NumPy arguments: validated and run in one C call (_kernels)
+        y = _kernels.batch_norm_fast(x, weight, bias, running_mean, running_var, training,
+                                     momentum, eps, axis, activation, get_num_threads())
+        if y is not None:
+            return y
     if _backend.is_cupy_array(x):  # CuPy input: the GPU path (fastbn.cuda)
         from .cuda import functional as _gpu
 
