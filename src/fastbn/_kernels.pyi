@@ -1,5 +1,5 @@
 # Type stub for the compiled kernels (fastbn/_kernels.pyx). Arrays are canonical
-# (outer, C, inner) C-contiguous views; per-channel arrays are float64 (C,).
+# (outer, C, inner) C-contiguous views; per-channel arrays are float32/float64 (C,).
 import numpy as np
 from numpy.typing import NDArray
 
@@ -28,3 +28,10 @@ def stream_copy(src: NDArray[np.uint8], dst: NDArray[np.uint8], nthreads: int) -
 def update_running(running_mean: NDArray[np.floating] | None,
                    running_var: NDArray[np.floating] | None, mean: _D, var: _D, count: float,
                    momentum: float) -> None: ...
+# One-call paths for plain arguments; None when the call needs fastbn.functional's general path.
+def batch_norm_fast(x: object, weight: object, bias: object, running_mean: object,
+                    running_var: object, training: bool, momentum: object, eps: object,
+                    axis: object, activation: object, nthreads: int) -> _F | None: ...
+def batch_norm_backward_fast(dy: object, x: object, mean: object, invstd: object,
+                             weight: object, axis: object, training: bool, activation: object,
+                             y: object, nthreads: int) -> tuple[_F, _F, _F] | None: ...

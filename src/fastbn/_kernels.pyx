@@ -1,20 +1,22 @@
 # cython: language_level=3
 """Batch-norm kernels on canonical (outer, C, inner) C-contiguous arrays.
 
-Nothing here validates or knows about axes: fastbn.functional checks every argument, casts the
-per-channel arrays to float64, allocates the outputs and reshapes to the canonical view before
-calling in. The kernels release the GIL and never raise.
+Nothing here validates or knows about axes: fastbn.functional checks every argument, allocates
+the outputs and reshapes to the canonical view before calling in (the fast paths at the end
+take only arguments that need no checking beyond their types). The kernels release the GIL.
 
 Two layouts, chosen by the caller's view:
   inner > 1  "NCL": each channel is `outer` contiguous runs of `inner` values.
   inner == 1 "NLC" (channels-last, and 2-D (N, C)): rows of C values, one lane per channel.
 
 Determinism: every reduction is cut into blocks whose boundaries depend only on the shape (never
-on the thread count), each block is reduced by one thread, and the blocks are merged in a fixed
-order. The results are therefore bitwise identical for any number of threads and from run to run.
+on the thread count), each block is reduced by one thread into its own slots, and the slots are
+added in a fixed order. The results are therefore bitwise identical for any number of threads
+and from run to run.
 
-Per-channel statistics are returned as (mean, M2) with M2 = sum((x - mean)^2): the merge of
-partial results (Chan et al.) is exact in form, which fastbn.distributed reuses across processes.
+Statistics: sums of x - k and (x - k)^2 with k each channel's first value (one shift for all
+blocks, so blocks merge by addition), returned as (mean, M2) with M2 = sum((x - mean)^2), the
+form fastbn.distributed merges across processes (Chan et al.).
 """
 cimport cython
 cimport numpy as cnp
@@ -725,7 +727,7 @@ cdef int _bwd_dx(Ctx *ctx, int nthreads) noexcept nogil:
 # --------------------------------------------------------------------------- Python entry points
 # fastbn.functional validates every argument and hands over C-contiguous arrays: x-shaped arrays
 # hold outer * C * inner values of the canonical (outer, C, inner) view, per-channel arrays are
-# float64. The entry points take ndarrays and raw pointers rather than typed memoryviews because
+# C-contiguous float32 or float64 (_chan). The entry points take ndarrays and raw pointers rather than typed memoryviews because
 # acquiring seven buffers and dispatching a fused `def` costs ~4 us, which dominated small calls.
 # They still check dtype, contiguity and size (a few ns) so that misuse raises instead of reading
 # out of bounds. `weight`, `bias` and `y` may be None.
