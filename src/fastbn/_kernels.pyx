@@ -43,17 +43,17 @@ cdef extern from "_simd.h" nogil:
     void fbn_sums_rows_double(const double *x, Py_ssize_t nrows, Py_ssize_t stride,
                               Py_ssize_t width, const double *k, double *a1, double *a2)
     void fbn_norm_float(const float *x, float *y, Py_ssize_t nseg, Py_ssize_t len,
-                        Py_ssize_t c0, Py_ssize_t C, const float *mhi, const float *mlo,
-                        const float *a, const float *b, int relu)
+                        Py_ssize_t c0, Py_ssize_t C, const float *mhi, const float *a,
+                        const float *b, int relu)
     void fbn_norm_double(const double *x, double *y, Py_ssize_t nseg, Py_ssize_t len,
-                         Py_ssize_t c0, Py_ssize_t C, const double *mhi, const double *mlo,
-                         const double *a, const double *b, int relu)
+                         Py_ssize_t c0, Py_ssize_t C, const double *mhi, const double *a,
+                         const double *b, int relu)
     void fbn_norm_rows_float(const float *x, float *y, Py_ssize_t nrows, Py_ssize_t stride,
-                             Py_ssize_t width, const float *mhi, const float *mlo,
-                             const float *a, const float *b, int relu)
+                             Py_ssize_t width, const float *mhi, const float *a, const float *b,
+                             int relu)
     void fbn_norm_rows_double(const double *x, double *y, Py_ssize_t nrows, Py_ssize_t stride,
-                              Py_ssize_t width, const double *mhi, const double *mlo,
-                              const double *a, const double *b, int relu)
+                              Py_ssize_t width, const double *mhi, const double *a,
+                              const double *b, int relu)
     void fbn_bwd_sums_float(const float *dy, const float *x, const float *y, Py_ssize_t nseg,
                             Py_ssize_t len, Py_ssize_t c0, Py_ssize_t C, const float *mhi,
                             const float *mlo, int by_channel, double *s1, double *s2)
@@ -69,20 +69,18 @@ cdef extern from "_simd.h" nogil:
                                   const double *mhi, const double *mlo, double *a1, double *a2)
     void fbn_bwd_dx_float(const float *dy, const float *x, const float *y, float *dx,
                           Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t c0, Py_ssize_t C,
-                          const float *mhi, const float *mlo, const float *a, const float *k,
-                          const float *c)
+                          const float *mhi, const float *a, const float *k, const float *c)
     void fbn_bwd_dx_double(const double *dy, const double *x, const double *y, double *dx,
                            Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t c0, Py_ssize_t C,
-                           const double *mhi, const double *mlo, const double *a,
-                           const double *k, const double *c)
+                           const double *mhi, const double *a, const double *k,
+                           const double *c)
     void fbn_bwd_dx_rows_float(const float *dy, const float *x, const float *y, float *dx,
                                Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t width,
-                               const float *mhi, const float *mlo, const float *a,
-                               const float *k, const float *c)
+                               const float *mhi, const float *a, const float *k, const float *c)
     void fbn_bwd_dx_rows_double(const double *dy, const double *x, const double *y, double *dx,
                                 Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t width,
-                                const double *mhi, const double *mlo, const double *a,
-                                const double *k, const double *c)
+                                const double *mhi, const double *a, const double *k,
+                                const double *c)
 
 # Partition constants. They fix the order of every floating-point reduction, so changing one
 # changes results in the last bits (but never their thread-count invariance).
@@ -197,13 +195,6 @@ cdef void _run(task_fn task, const Ctx *ctx, Py_ssize_t ntasks, int nthreads) no
 
 cdef inline int _nthreads(int nthreads, Py_ssize_t work) noexcept nogil:
     return nthreads if work >= PAR_MIN and nthreads > 1 else 1
-
-
-cdef inline void _split(double v, floating *hi, floating *lo) noexcept nogil:
-    # head + tail of v in the working precision: for float32, (x - hi) - lo keeps the digits
-    # of x - v that a single rounded mean would lose when |mean| >> std.
-    hi[0] = <floating>v
-    lo[0] = <floating>(v - <double>hi[0])
 
 
 cdef struct Block:
@@ -451,21 +442,21 @@ cdef int _stats(Ctx *ctx, double *mean, double *m2, int nthreads) noexcept nogil
 # --------------------------------------------------------------------------- elementwise
 
 cdef void _ncl_norm(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
-    # Task t: a run of segments in memory order. lanes = [mhi | mlo | scale | shift], C each.
+    # Task t: a run of segments in memory order. lanes = [mhi | scale | shift], C each.
     cdef Py_ssize_t c0, C = ctx.channels
     cdef Block blk = _ncl_run(ctx, t, &c0)
     cdef const floating *L = <const floating *>ctx.lanes
     if floating is float:
         fbn_norm_float(x + blk.off, <float *>ctx.out + blk.off, blk.nseg, blk.len, c0, C, L,
-                       L + C, L + 2 * C, L + 3 * C, ctx.relu)
+                       L + C, L + 2 * C, ctx.relu)
     else:
         fbn_norm_double(x + blk.off, <double *>ctx.out + blk.off, blk.nseg, blk.len, c0, C, L,
-                        L + C, L + 2 * C, L + 3 * C, ctx.relu)
+                        L + C, L + 2 * C, ctx.relu)
 
 
 cdef void _rows_norm(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
     # Task t: row block t // ntiles x lane tile t % ntiles (the whole super-row when m > 1).
-    # lanes = [mhi | mlo | scale | shift], each m*C wide. Tiles give wide rows (C = 4096, 64
+    # lanes = [mhi | scale | shift], each m*C wide. Tiles give wide rows (C = 4096, 64
     # rows: a single row block) tasks for every thread, and keep the parameter rows in L1.
     cdef const Rows *p = &ctx.p
     cdef const floating *L = <const floating *>ctx.lanes
@@ -481,16 +472,16 @@ cdef void _rows_norm(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept n
     cdef Py_ssize_t o = r0 * C + j
     if floating is float:
         fbn_norm_rows_float(x + o, y + o, nsr, w, jw, L + j, L + w + j, L + 2 * w + j,
-                            L + 3 * w + j, ctx.relu)
+                            ctx.relu)
         if rl < r1:  # rows that do not fill a super-row (m > 1, so a single tile)
             fbn_norm_rows_float(x + rl * C, y + rl * C, r1 - rl, C, C, L, L + w, L + 2 * w,
-                                L + 3 * w, ctx.relu)
+                                ctx.relu)
     else:
         fbn_norm_rows_double(x + o, y + o, nsr, w, jw, L + j, L + w + j, L + 2 * w + j,
-                             L + 3 * w + j, ctx.relu)
+                             ctx.relu)
         if rl < r1:
             fbn_norm_rows_double(x + rl * C, y + rl * C, r1 - rl, C, C, L, L + w, L + 2 * w,
-                                 L + 3 * w, ctx.relu)
+                                 ctx.relu)
 
 
 cdef void _norm_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
@@ -507,30 +498,38 @@ cdef void _norm_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
 
 
 cdef void *_make_lanes(const Ctx *ctx, Py_ssize_t nparams, Py_ssize_t m) noexcept nogil:
-    """[mhi | mlo | a | k | c][:nparams] in the working precision, each replicated to m*C lanes
-    (m = 1: one value per channel, for the NCL runs)."""
+    """Per-channel parameters in the working precision, each row replicated to m*C lanes (m = 1:
+    one value per channel, for the NCL runs); mhi is the mean rounded to that precision and mlo
+    the rest (0 for float64):
+      nparams 2: [mhi | mlo]                  backward sums: g * ((x - mhi) - mlo)
+      nparams 3: [mhi | a | k - mlo*a]        normalise: (x - mhi) * a + k
+      nparams 4: [mhi | a | k | c + k*mlo]    dx: a*g - k*(x - mhi) + c
+    with a, k, c = ctx.a, ctx.k, ctx.c. The corrections are formed in double, rounded once."""
     cdef Py_ssize_t w = m * ctx.channels, c, C = ctx.channels, i, r
-    cdef const double *src[3]
     cdef size_t size = sizeof(float) if ctx.f32 else sizeof(double)
     cdef char *lanes = <char *> malloc(nparams * w * size + 1)
-    cdef float *f = <float *>lanes
-    cdef double *d = <double *>lanes
+    cdef double v[4]
+    cdef double hi, lo
     if lanes == NULL:
         return NULL
-    src[0] = ctx.a
-    src[1] = ctx.k
-    src[2] = ctx.c
     for c in range(C):
-        if ctx.f32:
-            _split(ctx.mean[c], f + c, f + w + c)
+        hi = <double><float>ctx.mean[c] if ctx.f32 else ctx.mean[c]
+        lo = ctx.mean[c] - hi
+        v[0] = hi
+        if nparams == 2:
+            v[1] = lo
+        elif nparams == 3:
+            v[1] = ctx.a[c]
+            v[2] = ctx.k[c] - lo * ctx.a[c]
         else:
-            d[c] = ctx.mean[c]
-            d[w + c] = 0
-        for i in range(nparams - 2):
+            v[1] = ctx.a[c]
+            v[2] = ctx.k[c]
+            v[3] = ctx.c[c] + ctx.k[c] * lo
+        for i in range(nparams):
             if ctx.f32:
-                f[(2 + i) * w + c] = <float>src[i][c]
+                (<float *>lanes)[i * w + c] = <float>v[i]
             else:
-                d[(2 + i) * w + c] = src[i][c]
+                (<double *>lanes)[i * w + c] = v[i]
     # copies for the other m - 1 rows of a super-row (a modulo per lane cost ~10 ns/channel)
     for i in range(nparams):
         for r in range(1, m):
@@ -544,11 +543,11 @@ cdef int _normalize(Ctx *ctx, int nthreads) noexcept nogil:
     cdef void *lanes
     cdef Py_ssize_t ntasks
     if ctx.inner > 1:
-        lanes = _make_lanes(ctx, 4, 1)
+        lanes = _make_lanes(ctx, 3, 1)
         ntasks = _ncl_runs(ctx.outer, ctx.channels, ctx.inner)
     else:
         ctx.p = _rows_partition(ctx.outer, ctx.channels, CL_CHUNK)
-        lanes = _make_lanes(ctx, 4, ctx.p.m)
+        lanes = _make_lanes(ctx, 3, ctx.p.m)
         ntasks = ctx.p.nb * ctx.p.ntiles
     if lanes == NULL:
         return -1
@@ -644,7 +643,7 @@ cdef int _bwd_sums(Ctx *ctx, double *sum_dy, double *sum_dy_xmu, int nthreads) n
 
 
 cdef void _ncl_dx(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
-    # Task t: a run of segments in memory order. lanes = [mhi | mlo | a | k | c], C each.
+    # Task t: a run of segments in memory order. lanes = [mhi | a | k | c], C each.
     cdef const floating *dy = <const floating *>ctx.dy
     cdef const floating *y = <const floating *>ctx.y
     cdef Py_ssize_t c0, C = ctx.channels
@@ -653,15 +652,15 @@ cdef void _ncl_dx(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogi
     if floating is float:
         fbn_bwd_dx_float(dy + blk.off, x + blk.off, y + blk.off if y != NULL else NULL,
                          <float *>ctx.out + blk.off, blk.nseg, blk.len, c0, C, L, L + C,
-                         L + 2 * C, L + 3 * C, L + 4 * C)
+                         L + 2 * C, L + 3 * C)
     else:
         fbn_bwd_dx_double(dy + blk.off, x + blk.off, y + blk.off if y != NULL else NULL,
                           <double *>ctx.out + blk.off, blk.nseg, blk.len, c0, C, L, L + C,
-                          L + 2 * C, L + 3 * C, L + 4 * C)
+                          L + 2 * C, L + 3 * C)
 
 
 cdef void _rows_dx(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
-    # Task t: a row block x lane tile as in _rows_norm. lanes = [mhi | mlo | a | k | c].
+    # Task t: a row block x lane tile as in _rows_norm. lanes = [mhi | a | k | c].
     cdef const floating *dy = <const floating *>ctx.dy
     cdef const floating *y = <const floating *>ctx.y
     cdef floating *dx = <floating *>ctx.out
@@ -678,16 +677,16 @@ cdef void _rows_dx(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nog
     cdef Py_ssize_t o = r0 * C + j, ol = rl * C
     if floating is float:
         fbn_bwd_dx_rows_float(dy + o, x + o, y + o if y != NULL else NULL, dx + o, nsr, w, jw,
-                              L + j, L + w + j, L + 2 * w + j, L + 3 * w + j, L + 4 * w + j)
+                              L + j, L + w + j, L + 2 * w + j, L + 3 * w + j)
         if rl < r1:
             fbn_bwd_dx_rows_float(dy + ol, x + ol, y + ol if y != NULL else NULL, dx + ol,
-                                  r1 - rl, C, C, L, L + w, L + 2 * w, L + 3 * w, L + 4 * w)
+                                  r1 - rl, C, C, L, L + w, L + 2 * w, L + 3 * w)
     else:
         fbn_bwd_dx_rows_double(dy + o, x + o, y + o if y != NULL else NULL, dx + o, nsr, w, jw,
-                               L + j, L + w + j, L + 2 * w + j, L + 3 * w + j, L + 4 * w + j)
+                               L + j, L + w + j, L + 2 * w + j, L + 3 * w + j)
         if rl < r1:
             fbn_bwd_dx_rows_double(dy + ol, x + ol, y + ol if y != NULL else NULL, dx + ol,
-                                   r1 - rl, C, C, L, L + w, L + 2 * w, L + 3 * w, L + 4 * w)
+                                   r1 - rl, C, C, L, L + w, L + 2 * w, L + 3 * w)
 
 
 cdef void _dx_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
@@ -709,11 +708,11 @@ cdef int _bwd_dx(Ctx *ctx, int nthreads) noexcept nogil:
     cdef void *lanes
     cdef Py_ssize_t ntasks
     if ctx.inner > 1:
-        lanes = _make_lanes(ctx, 5, 1)
+        lanes = _make_lanes(ctx, 4, 1)
         ntasks = _ncl_runs(ctx.outer, ctx.channels, ctx.inner)
     else:
         ctx.p = _rows_partition(ctx.outer, ctx.channels, CL_CHUNK)
-        lanes = _make_lanes(ctx, 5, ctx.p.m)
+        lanes = _make_lanes(ctx, 4, ctx.p.m)
         ntasks = ctx.p.nb * ctx.p.ntiles
     if lanes == NULL:
         return -1

@@ -232,32 +232,33 @@ static FBN_CLONES void fbn_sums_rows_##T(const T *FBN_RESTRICT x, ptrdiff_t nrow
     }                                                                                              \
 }                                                                                                  \
                                                                                                    \
-/* y = ((x - mhi) - mlo) * a + b (then ReLU) over a contiguous run of nseg segments of len         \
- * values in memory order, segment s belonging to channel (c0 + s) % C, whose parameters are       \
- * mhi[c]...b[c]. Walking memory in order streams best; one call per run (not per segment) keeps   \
- * short segments (7x7 maps) cheap. The mean is split into a T-precision head and tail so that     \
- * x - mean keeps its digits when |mean| >> std (x - mhi is exact there).                          \
- * IN x, mhi/mlo/a/b[C]; OUT y (may alias x) */                                                    \
+/* y = (x - mhi) * a + b (then ReLU) over a contiguous run of nseg segments of len values in       \
+ * memory order, segment s belonging to channel (c0 + s) % C, whose parameters are mhi[c], a[c],   \
+ * b[c]. Walking memory in order streams best; one call per run (not per segment) keeps short      \
+ * segments (7x7 maps) cheap. mhi is the mean rounded to T and b absorbs the rest (b = shift -     \
+ * (mean - mhi) * a): x - mhi is exact when |mean| >> std, so y keeps its digits where x * a +     \
+ * (shift - mean * a) would lose them; and a third parameter row instead of a fourth was worth     \
+ * ~1.3x to the channels-last loop out of cache.                                                   \
+ * IN x, mhi/a/b[C]; OUT y (may alias x) */                                                        \
 static FBN_CLONES void fbn_norm_##T(const T *x, T *y, ptrdiff_t nseg, ptrdiff_t len,               \
                                    ptrdiff_t c0, ptrdiff_t C, const T *FBN_RESTRICT mhi,           \
-                                   const T *FBN_RESTRICT mlo, const T *FBN_RESTRICT a,             \
-                                   const T *FBN_RESTRICT b, int relu)                              \
+                                   const T *FBN_RESTRICT a, const T *FBN_RESTRICT b, int relu)     \
 {                                                                                                  \
     ptrdiff_t c = c0;                                                                              \
     for (ptrdiff_t s = 0; s < nseg; s++) {                                                         \
         const T *xs = x + s * len;                                                                 \
         T *ys = y + s * len;                                                                       \
-        const T h = mhi[c], l = mlo[c], m = a[c], o = b[c];                                        \
+        const T h = mhi[c], m = a[c], o = b[c];                                                    \
         if (relu) {                                                                                \
             FBN_SIMD                                                                               \
             for (ptrdiff_t i = 0; i < len; i++) {                                                  \
-                T v = ((xs[i] - h) - l) * m + o;                                                   \
+                T v = (xs[i] - h) * m + o;                                                         \
                 ys[i] = v > 0 ? v : (T)0;                                                          \
             }                                                                                      \
         } else {                                                                                   \
             FBN_SIMD                                                                               \
             for (ptrdiff_t i = 0; i < len; i++)                                                    \
-                ys[i] = ((xs[i] - h) - l) * m + o;                                                 \
+                ys[i] = (xs[i] - h) * m + o;                                                       \
         }                                                                                          \
         if (++c == C)                                                                              \
             c = 0;                                                                                 \
@@ -265,11 +266,11 @@ static FBN_CLONES void fbn_norm_##T(const T *x, T *y, ptrdiff_t nseg, ptrdiff_t 
 }                                                                                                  \
                                                                                                    \
 /* Rows of a channels-last block, per-lane parameters (see fbn_norm).                              \
- * IN x, mhi/mlo/a/b[width]; OUT y (may alias x) */                                                \
+ * IN x, mhi/a/b[width]; OUT y (may alias x) */                                                    \
 static FBN_CLONES void fbn_norm_rows_##T(const T *x, T *y, ptrdiff_t nrows, ptrdiff_t stride,      \
                                         ptrdiff_t width, const T *FBN_RESTRICT mhi,                \
-                                        const T *FBN_RESTRICT mlo, const T *FBN_RESTRICT a,        \
-                                        const T *FBN_RESTRICT b, int relu)                         \
+                                        const T *FBN_RESTRICT a, const T *FBN_RESTRICT b,          \
+                                        int relu)                                                  \
 {                                                                                                  \
     for (ptrdiff_t r = 0; r < nrows; r++) {                                                        \
         const T *xr = x + r * stride;                                                              \
@@ -277,13 +278,13 @@ static FBN_CLONES void fbn_norm_rows_##T(const T *x, T *y, ptrdiff_t nrows, ptrd
         if (relu) {                                                                                \
             FBN_SIMD                                                                               \
             for (ptrdiff_t j = 0; j < width; j++) {                                                \
-                T v = ((xr[j] - mhi[j]) - mlo[j]) * a[j] + b[j];                                   \
+                T v = (xr[j] - mhi[j]) * a[j] + b[j];                                              \
                 yr[j] = v > 0 ? v : (T)0;                                                          \
             }                                                                                      \
         } else {                                                                                   \
             FBN_SIMD                                                                               \
             for (ptrdiff_t j = 0; j < width; j++)                                                  \
-                yr[j] = ((xr[j] - mhi[j]) - mlo[j]) * a[j] + b[j];                                 \
+                yr[j] = (xr[j] - mhi[j]) * a[j] + b[j];                                            \
         }                                                                                          \
     }                                                                                              \
 }                                                                                                  \
@@ -403,32 +404,32 @@ static FBN_CLONES void fbn_bwd_sums_rows_##T(const T *FBN_RESTRICT dy, const T *
     }                                                                                              \
 }                                                                                                  \
                                                                                                    \
-/* dx = a*g - k*((x - mhi) - mlo) + c with g as in fbn_bwd_sums, over a contiguous run of nseg     \
- * segments as in fbn_norm (parameters per channel); k = c = 0 is the inference backward.          \
- * IN dy, x, y (or NULL), mhi/mlo/a/k/c[C]; OUT dx (may alias dy) */                               \
+/* dx = a*g - k*(x - mhi) + c with g as in fbn_bwd_sums, over a contiguous run of nseg segments    \
+ * as in fbn_norm (parameters per channel; c absorbs k * (mean - mhi) as b does there); k = c = 0  \
+ * is the inference backward.                                                                      \
+ * IN dy, x, y (or NULL), mhi/a/k/c[C]; OUT dx (may alias dy) */                                   \
 static FBN_CLONES void fbn_bwd_dx_##T(const T *dy, const T *FBN_RESTRICT x,                        \
                                      const T *FBN_RESTRICT y, T *dx, ptrdiff_t nseg,               \
                                      ptrdiff_t len, ptrdiff_t c0, ptrdiff_t C,                     \
-                                     const T *FBN_RESTRICT mhi, const T *FBN_RESTRICT mlo,         \
-                                     const T *FBN_RESTRICT a, const T *FBN_RESTRICT k,             \
-                                     const T *FBN_RESTRICT c)                                      \
+                                     const T *FBN_RESTRICT mhi, const T *FBN_RESTRICT a,           \
+                                     const T *FBN_RESTRICT k, const T *FBN_RESTRICT c)             \
 {                                                                                                  \
     ptrdiff_t ch = c0;                                                                             \
     for (ptrdiff_t s = 0; s < nseg; s++) {                                                         \
         const T *gs = dy + s * len, *xs = x + s * len;                                             \
         T *ds = dx + s * len;                                                                      \
-        const T h = mhi[ch], l = mlo[ch], m = a[ch], q = k[ch], o = c[ch];                         \
+        const T h = mhi[ch], m = a[ch], q = k[ch], o = c[ch];                                      \
         if (y) {                                                                                   \
             const T *ys = y + s * len;                                                             \
             FBN_SIMD                                                                               \
             for (ptrdiff_t i = 0; i < len; i++) {                                                  \
                 T d = gs[i], g = ys[i] > 0 ? d : (T)0;                                             \
-                ds[i] = m * g - q * ((xs[i] - h) - l) + o;                                         \
+                ds[i] = m * g - q * (xs[i] - h) + o;                                               \
             }                                                                                      \
         } else {                                                                                   \
             FBN_SIMD                                                                               \
             for (ptrdiff_t i = 0; i < len; i++)                                                    \
-                ds[i] = m * gs[i] - q * ((xs[i] - h) - l) + o;                                     \
+                ds[i] = m * gs[i] - q * (xs[i] - h) + o;                                           \
         }                                                                                          \
         if (++ch == C)                                                                             \
             ch = 0;                                                                                \
@@ -436,13 +437,12 @@ static FBN_CLONES void fbn_bwd_dx_##T(const T *dy, const T *FBN_RESTRICT x,     
 }                                                                                                  \
                                                                                                    \
 /* Rows of a channels-last block (see fbn_bwd_dx), per-lane parameters.                            \
- * IN dy, x, y (or NULL), mhi/mlo/a/k/c[width]; OUT dx (may alias dy) */                           \
+ * IN dy, x, y (or NULL), mhi/a/k/c[width]; OUT dx (may alias dy) */                               \
 static FBN_CLONES void fbn_bwd_dx_rows_##T(const T *dy, const T *FBN_RESTRICT x,                   \
                                           const T *FBN_RESTRICT y, T *dx, ptrdiff_t nrows,         \
                                           ptrdiff_t stride, ptrdiff_t width,                       \
-                                          const T *FBN_RESTRICT mhi, const T *FBN_RESTRICT mlo,    \
-                                          const T *FBN_RESTRICT a, const T *FBN_RESTRICT k,        \
-                                          const T *FBN_RESTRICT c)                                 \
+                                          const T *FBN_RESTRICT mhi, const T *FBN_RESTRICT a,      \
+                                          const T *FBN_RESTRICT k, const T *FBN_RESTRICT c)        \
 {                                                                                                  \
     for (ptrdiff_t r = 0; r < nrows; r++) {                                                        \
         const T *dyr = dy + r * stride, *xr = x + r * stride;                                      \
@@ -452,12 +452,12 @@ static FBN_CLONES void fbn_bwd_dx_rows_##T(const T *dy, const T *FBN_RESTRICT x,
             FBN_SIMD                                                                               \
             for (ptrdiff_t j = 0; j < width; j++) {                                                \
                 T d = dyr[j], g = yr[j] > 0 ? d : (T)0;                                            \
-                dxr[j] = a[j] * g - k[j] * ((xr[j] - mhi[j]) - mlo[j]) + c[j];                     \
+                dxr[j] = a[j] * g - k[j] * (xr[j] - mhi[j]) + c[j];                                \
             }                                                                                      \
         } else {                                                                                   \
             FBN_SIMD                                                                               \
             for (ptrdiff_t j = 0; j < width; j++)                                                  \
-                dxr[j] = a[j] * dyr[j] - k[j] * ((xr[j] - mhi[j]) - mlo[j]) + c[j];                \
+                dxr[j] = a[j] * dyr[j] - k[j] * (xr[j] - mhi[j]) + c[j];                           \
         }                                                                                          \
     }                                                                                              \
 }
