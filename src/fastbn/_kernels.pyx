@@ -91,6 +91,7 @@ cdef enum:
     TILE = 1024         # channels of one channels-last tile; lanes live in L1 (3 x 8 KB)
     MIN_LANES = 64      # below this many channels, super-rows are a multiple of 16 lanes
     PAR_MIN = 32768     # below this many values a parallel region costs more than it saves
+    MERGE = 256         # channels of one merge task
 
 
 def openmp_enabled():
@@ -288,17 +289,22 @@ cdef inline Block _reduction_run(const Ctx *ctx, Py_ssize_t t, Py_ssize_t *c0,
     return b
 
 
-cdef void _merge_task(const Ctx *ctx, Py_ssize_t c) noexcept nogil:
-    # Channel c: r1[c], r2[c] = the sums of its slots, in slot order.
-    cdef Py_ssize_t g, q, base, C = ctx.channels, P = ctx.P
-    cdef double s1 = 0, s2 = 0
+cdef void _merge_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
+    # Channels [t*MERGE, (t+1)*MERGE): r1[c], r2[c] = the sums of c's slots, in slot order.
+    # Slot rows are walked in memory order, the channels side by side: one channel at a time
+    # read G slots C doubles apart, 8 KiB for C = 1024, which all fell in one L1 set (a miss per
+    # slot, ~0.7 ms a call on (4096, 1024)).
+    cdef Py_ssize_t g, q, c, base, C = ctx.channels, P = ctx.P
+    cdef Py_ssize_t c0 = t * MERGE, c1 = min(C, c0 + MERGE)
+    for c in range(c0, c1):
+        ctx.r1[c] = 0
+        ctx.r2[c] = 0
     for g in range(ctx.G):
-        base = (g * C + c) * P
         for q in range(P):
-            s1 += ctx.p1[base + q]
-            s2 += ctx.p2[base + q]
-    ctx.r1[c] = s1
-    ctx.r2[c] = s2
+            for c in range(c0, c1):
+                base = (g * C + c) * P + q
+                ctx.r1[c] += ctx.p1[base]
+                ctx.r2[c] += ctx.p2[base]
 
 
 cdef void _rows_reduce_tile(const Ctx *ctx, Py_ssize_t b, Py_ssize_t c0, Py_ssize_t cw,
@@ -331,7 +337,7 @@ cdef int _reduce(Ctx *ctx, task_fn task, double *r1, double *r2, int nthreads) n
     ctx.r1 = r1
     ctx.r2 = r2
     _run(task, ctx, ntasks, nt)
-    _run(_merge_task, ctx, ctx.channels, nt)
+    _run(_merge_task, ctx, (ctx.channels + MERGE - 1) // MERGE, nt)
     free(ctx.p1)
     ctx.p1 = ctx.p2 = NULL
     return 0
@@ -355,8 +361,12 @@ cdef void _ncl_stats(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept n
 
 cdef void _rows_stats(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
     # Task t: rows [b*rb, (b+1)*rb) x channels [tl*tile, (tl+1)*tile); lanes = k over m*C.
-    cdef double a1[TILE]
-    cdef double a2[TILE]
+    # One buffer for both accumulators, a2 offset by 4 KiB + 128 bytes: as two arrays of
+    # TILE doubles they sat 8 KiB apart, so every load of a2[j] aliased the store to a1[j]
+    # just before it in the low 12 address bits (4K aliasing) and waited for it.
+    cdef double acc[2 * TILE + 16]
+    cdef double *a1 = acc
+    cdef double *a2 = acc + TILE + 16
     cdef const Rows *p = &ctx.p
     cdef const floating *k = <const floating *>ctx.lanes
     cdef Py_ssize_t b = t // p.ntiles
@@ -583,8 +593,9 @@ cdef void _rows_bsums(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept 
     # Task t: a block of rows x a channel tile (see _rows_stats); lanes = [mhi | mlo], m*C each.
     cdef const floating *dy = <const floating *>ctx.dy
     cdef const floating *y = <const floating *>ctx.y
-    cdef double a1[TILE]
-    cdef double a2[TILE]
+    cdef double acc[2 * TILE + 16]  # a1 and a2 apart by 4K + 128 bytes (see _rows_stats)
+    cdef double *a1 = acc
+    cdef double *a2 = acc + TILE + 16
     cdef const Rows *p = &ctx.p
     cdef const floating *mh = <const floating *>ctx.lanes
     cdef const floating *ml = mh + p.m * p.C
