@@ -361,12 +361,8 @@ cdef void _ncl_stats(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept n
 
 cdef void _rows_stats(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
     # Task t: rows [b*rb, (b+1)*rb) x channels [tl*tile, (tl+1)*tile); lanes = k over m*C.
-    # One buffer for both accumulators, a2 offset by 4 KiB + 128 bytes: as two arrays of
-    # TILE doubles they sat 8 KiB apart, so every load of a2[j] aliased the store to a1[j]
-    # just before it in the low 12 address bits (4K aliasing) and waited for it.
-    cdef double acc[2 * TILE + 16]
-    cdef double *a1 = acc
-    cdef double *a2 = acc + TILE + 16
+    cdef double a1[TILE]
+    cdef double a2[TILE]
     cdef const Rows *p = &ctx.p
     cdef const floating *k = <const floating *>ctx.lanes
     cdef Py_ssize_t b = t // p.ntiles
@@ -593,9 +589,8 @@ cdef void _rows_bsums(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept 
     # Task t: a block of rows x a channel tile (see _rows_stats); lanes = [mhi | mlo], m*C each.
     cdef const floating *dy = <const floating *>ctx.dy
     cdef const floating *y = <const floating *>ctx.y
-    cdef double acc[2 * TILE + 16]  # a1 and a2 apart by 4K + 128 bytes (see _rows_stats)
-    cdef double *a1 = acc
-    cdef double *a2 = acc + TILE + 16
+    cdef double a1[TILE]
+    cdef double a2[TILE]
     cdef const Rows *p = &ctx.p
     cdef const floating *mh = <const floating *>ctx.lanes
     cdef const floating *ml = mh + p.m * p.C
