@@ -65,6 +65,9 @@ typedef float fbn_vfloat __attribute__((vector_size(64)));
 typedef double fbn_vdouble __attribute__((vector_size(64)));
 typedef double fbn_vd8 __attribute__((vector_size(64)));
 typedef double fbn_vd4 __attribute__((vector_size(32)));
+typedef float fbn_vf8 __attribute__((vector_size(32)));
+typedef float fbn_vf4 __attribute__((vector_size(16)));
+typedef float fbn_vf2 __attribute__((vector_size(8)));
 typedef double fbn_vd2 __attribute__((vector_size(16)));
 #define FBN_VZERO(T) ((fbn_v##T){0})
 #define FBN_VLOAD(v, p) memcpy(&(v), (p), sizeof(v))
@@ -82,6 +85,20 @@ typedef double fbn_vd2 __attribute__((vector_size(16)));
 #define FBN_VDROP(T, v, n) ((fbn_v##T)((__typeof__((v) > (v)))(v) & (FBN_VIOTA_##T >= (T)(n))))
 #define FBN_VIOTA_float ((fbn_vfloat){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15})
 #define FBN_VIOTA_double ((fbn_vdouble){0, 1, 2, 3, 4, 5, 6, 7})
+/* The lanes of a one-block segment summed in T (pairwise), as a double: cheaper than widening
+ * them first, and a block's float sums are already rounded to float. */
+#define FBN_VSUMT_float(v)                                                                         \
+    __extension__({                                                                                \
+        fbn_vf8 h8_ = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +                      \
+                      __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);                 \
+        fbn_vf4 h4_ = __builtin_shufflevector(h8_, h8_, 0, 1, 2, 3) +                              \
+                      __builtin_shufflevector(h8_, h8_, 4, 5, 6, 7);                               \
+        fbn_vf2 h2_ = __builtin_shufflevector(h4_, h4_, 0, 1) +                                    \
+                      __builtin_shufflevector(h4_, h4_, 2, 3);                                     \
+        (double)(h2_[0] + h2_[1]);                                                                 \
+    })
+#define FBN_VSUMT_double(v) FBN_VSUMD(v)
+#define FBN_VSUMT(T, v) FBN_VSUMT_##T(v)
 #define FBN_VSUMD(v)                                                                               \
     __extension__({                                                                                \
         fbn_vd4 h4_ = __builtin_shufflevector(v, v, 0, 1, 2, 3) +                                  \
@@ -119,6 +136,15 @@ static inline double fbn_vsumd(fbn_vd8 a)
     for (int j = 0; j < 2; j++) h2[j] = h4[j] + h4[j + 2];
     return h2[0] + h2[1];
 }
+static inline double fbn_vsumt_float(fbn_vfloat a)
+{
+    float h8[8], h4[4], h2[2];
+    for (int j = 0; j < 8; j++) h8[j] = a.v[j] + a.v[j + 8];
+    for (int j = 0; j < 4; j++) h4[j] = h8[j] + h8[j + 4];
+    for (int j = 0; j < 2; j++) h2[j] = h4[j] + h4[j + 2];
+    return (double)(h2[0] + h2[1]);
+}
+static inline double fbn_vsumt_double(fbn_vdouble a) { return fbn_vsumd(a); }
 #define FBN_VZERO(T) fbn_vzero_##T()
 #define FBN_VLOAD(v, p) memcpy(&(v), (p), sizeof(v))
 #define FBN_VSUBS(T, a, s) fbn_vsubs_##T(a, s)
@@ -128,6 +154,7 @@ static inline double fbn_vsumd(fbn_vd8 a)
 #define FBN_VDROP(T, v, n) fbn_vdrop_##T(v, n)
 #define FBN_VWIDEN(T, b) fbn_vwiden_##T(b)
 #define FBN_VSUMD(v) fbn_vsumd(v)
+#define FBN_VSUMT(T, v) fbn_vsumt_##T(v)
 #endif
 
 /* ReLU mask of the fused-activation backward: the gradient passes where the forward output
@@ -157,6 +184,7 @@ static FBN_CLONES void fbn_sums_##T(const T *FBN_RESTRICT x, ptrdiff_t nseg, ptr
         const T *xs = x + s * len;                                                                 \
         const T kc = k[c];                                                                         \
         fbn_vd8 a1 = FBN_VZERO(double), a2 = FBN_VZERO(double);                                    \
+        double t1 = 0.0, t2 = 0.0;                                                                 \
         ptrdiff_t i = 0;                                                                           \
         while (i < len) {                                                                          \
             fbn_v##T b1 = FBN_VZERO(T), b2 = FBN_VZERO(T), v;                                      \
@@ -185,12 +213,21 @@ static FBN_CLONES void fbn_sums_##T(const T *FBN_RESTRICT x, ptrdiff_t nseg, ptr
                 b2 = FBN_VADD(T, b2, FBN_VMUL(T, v, v));                                           \
                 i = len;                                                                           \
             }                                                                                      \
-            a1 = FBN_VADD(double, a1, FBN_VWIDEN(T, b1));                                          \
-            a2 = FBN_VADD(double, a2, FBN_VWIDEN(T, b2));                                          \
+            if (len <= FBN_BLOCK * N) { /* the whole segment was this one block (7x7 maps) */      \
+                t1 = FBN_VSUMT(T, b1);                                                             \
+                t2 = FBN_VSUMT(T, b2);                                                             \
+            } else {                                                                               \
+                a1 = FBN_VADD(double, a1, FBN_VWIDEN(T, b1));                                      \
+                a2 = FBN_VADD(double, a2, FBN_VWIDEN(T, b2));                                      \
+            }                                                                                      \
+        }                                                                                          \
+        if (len > FBN_BLOCK * N) {                                                                 \
+            t1 = FBN_VSUMD(a1);                                                                    \
+            t2 = FBN_VSUMD(a2);                                                                    \
         }                                                                                          \
         const ptrdiff_t o = by_channel ? c : s;                                                    \
-        s1[o] += FBN_VSUMD(a1);                                                                    \
-        s2[o] += FBN_VSUMD(a2);                                                                    \
+        s1[o] += t1;                                                                               \
+        s2[o] += t2;                                                                               \
         if (++c == C)                                                                              \
             c = 0;                                                                                 \
     }                                                                                              \
@@ -305,6 +342,7 @@ static FBN_CLONES void fbn_bwd_sums_##T(const T *FBN_RESTRICT dy, const T *FBN_R
         const T *gs = dy + s * len, *xs = x + s * len, *ys = y ? y + s * len : NULL;               \
         const T h = mhi[c], l = mlo[c];                                                            \
         fbn_vd8 a1 = FBN_VZERO(double), a2 = FBN_VZERO(double);                                    \
+        double t1 = 0.0, t2 = 0.0;                                                                 \
         ptrdiff_t i = 0;                                                                           \
         while (i < len) {                                                                          \
             fbn_v##T b1 = FBN_VZERO(T), b2 = FBN_VZERO(T), g, v, m;                                \
@@ -343,12 +381,21 @@ static FBN_CLONES void fbn_bwd_sums_##T(const T *FBN_RESTRICT dy, const T *FBN_R
                 b2 = FBN_VADD(T, b2, FBN_VMUL(T, g, v));                                           \
                 i = len;                                                                           \
             }                                                                                      \
-            a1 = FBN_VADD(double, a1, FBN_VWIDEN(T, b1));                                          \
-            a2 = FBN_VADD(double, a2, FBN_VWIDEN(T, b2));                                          \
+            if (len <= FBN_BLOCK * N) { /* the whole segment was this one block (7x7 maps) */      \
+                t1 = FBN_VSUMT(T, b1);                                                             \
+                t2 = FBN_VSUMT(T, b2);                                                             \
+            } else {                                                                               \
+                a1 = FBN_VADD(double, a1, FBN_VWIDEN(T, b1));                                      \
+                a2 = FBN_VADD(double, a2, FBN_VWIDEN(T, b2));                                      \
+            }                                                                                      \
+        }                                                                                          \
+        if (len > FBN_BLOCK * N) {                                                                 \
+            t1 = FBN_VSUMD(a1);                                                                    \
+            t2 = FBN_VSUMD(a2);                                                                    \
         }                                                                                          \
         const ptrdiff_t o = by_channel ? c : s;                                                    \
-        s1[o] += FBN_VSUMD(a1);                                                                    \
-        s2[o] += FBN_VSUMD(a2);                                                                    \
+        s1[o] += t1;                                                                               \
+        s2[o] += t2;                                                                               \
         if (++c == C)                                                                              \
             c = 0;                                                                                 \
     }                                                                                              \
