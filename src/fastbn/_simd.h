@@ -2,8 +2,9 @@
  * Innermost loops of the fastbn kernels, one function per (operation, layout, dtype).
  *
  * The Cython kernels (_kernels.pyx) own the partition of the work, the threads and the merging
- * of partial results; these functions only stream over one contiguous span (NCHW-style, a single
- * channel) or over a block of rows (channels-last, one accumulator lane per channel position).
+ * of partial results; these functions only stream over a contiguous run of segments in memory
+ * order (NCHW-style: segment s of a run belongs to channel (c0 + s) % C) or over a block of rows
+ * (channels-last, one accumulator lane per channel position).
  * They never allocate, never fail and never touch Python.
  *
  * Why C and not Cython for these loops: reductions need several independent accumulators and
