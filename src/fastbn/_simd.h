@@ -158,6 +158,30 @@ static inline double fbn_vsumt_double(fbn_vdouble a) { return fbn_vsumd(a); }
 #define FBN_VSUMT(T, v) fbn_vsumt_##T(v)
 #endif
 
+/* The end of a block of a segment's reduction (fbn_sums, fbn_bwd_sums): a segment that is one
+ * block (7x7 maps) folds its T lanes straight into t1, t2 (cheaper than widening them first);
+ * a longer one adds them into its double lanes a1, a2. */
+#define FBN_BLOCK_END(T, one_block, b1, b2, a1, a2, t1, t2)                                        \
+    do {                                                                                           \
+        if (one_block) {                                                                           \
+            t1 = FBN_VSUMT(T, b1);                                                                 \
+            t2 = FBN_VSUMT(T, b2);                                                                 \
+        } else {                                                                                   \
+            a1 = FBN_VADD(double, a1, FBN_VWIDEN(T, b1));                                          \
+            a2 = FBN_VADD(double, a2, FBN_VWIDEN(T, b2));                                          \
+        }                                                                                          \
+    } while (0)
+/* ... and of the segment: its two sums added into slot o. */
+#define FBN_SEGMENT_END(one_block, a1, a2, t1, t2, s1, s2, o)                                      \
+    do {                                                                                           \
+        if (!(one_block)) {                                                                        \
+            t1 = FBN_VSUMD(a1);                                                                    \
+            t2 = FBN_VSUMD(a2);                                                                    \
+        }                                                                                          \
+        (s1)[o] += t1;                                                                             \
+        (s2)[o] += t2;                                                                             \
+    } while (0)
+
 /* ReLU mask of the fused-activation backward: the gradient passes where the forward output
  * was positive, as torch.nn.functional.relu's backward does. Both values are loaded before the
  * select: written as `y > 0 ? dy[i] : 0` the load of dy[i] is conditional, which GCC may not
@@ -214,21 +238,9 @@ static FBN_CLONES void fbn_sums_##T(const T *FBN_RESTRICT x, ptrdiff_t nseg, ptr
                 b2 = FBN_VADD(T, b2, FBN_VMUL(T, v, v));                                           \
                 i = len;                                                                           \
             }                                                                                      \
-            if (len <= FBN_BLOCK * N) { /* the whole segment was this one block (7x7 maps) */      \
-                t1 = FBN_VSUMT(T, b1);                                                             \
-                t2 = FBN_VSUMT(T, b2);                                                             \
-            } else {                                                                               \
-                a1 = FBN_VADD(double, a1, FBN_VWIDEN(T, b1));                                      \
-                a2 = FBN_VADD(double, a2, FBN_VWIDEN(T, b2));                                      \
-            }                                                                                      \
+            FBN_BLOCK_END(T, len <= FBN_BLOCK * N, b1, b2, a1, a2, t1, t2);                        \
         }                                                                                          \
-        if (len > FBN_BLOCK * N) {                                                                 \
-            t1 = FBN_VSUMD(a1);                                                                    \
-            t2 = FBN_VSUMD(a2);                                                                    \
-        }                                                                                          \
-        const ptrdiff_t o = by_channel ? c : s;                                                    \
-        s1[o] += t1;                                                                               \
-        s2[o] += t2;                                                                               \
+        FBN_SEGMENT_END(len <= FBN_BLOCK * N, a1, a2, t1, t2, s1, s2, by_channel ? c : s);         \
         if (++c == C)                                                                              \
             c = 0;                                                                                 \
     }                                                                                              \
@@ -382,21 +394,9 @@ static FBN_CLONES void fbn_bwd_sums_##T(const T *FBN_RESTRICT dy, const T *FBN_R
                 b2 = FBN_VADD(T, b2, FBN_VMUL(T, g, v));                                           \
                 i = len;                                                                           \
             }                                                                                      \
-            if (len <= FBN_BLOCK * N) { /* the whole segment was this one block (7x7 maps) */      \
-                t1 = FBN_VSUMT(T, b1);                                                             \
-                t2 = FBN_VSUMT(T, b2);                                                             \
-            } else {                                                                               \
-                a1 = FBN_VADD(double, a1, FBN_VWIDEN(T, b1));                                      \
-                a2 = FBN_VADD(double, a2, FBN_VWIDEN(T, b2));                                      \
-            }                                                                                      \
+            FBN_BLOCK_END(T, len <= FBN_BLOCK * N, b1, b2, a1, a2, t1, t2);                        \
         }                                                                                          \
-        if (len > FBN_BLOCK * N) {                                                                 \
-            t1 = FBN_VSUMD(a1);                                                                    \
-            t2 = FBN_VSUMD(a2);                                                                    \
-        }                                                                                          \
-        const ptrdiff_t o = by_channel ? c : s;                                                    \
-        s1[o] += t1;                                                                               \
-        s2[o] += t2;                                                                               \
+        FBN_SEGMENT_END(len <= FBN_BLOCK * N, a1, a2, t1, t2, s1, s2, by_channel ? c : s);         \
         if (++c == C)                                                                              \
             c = 0;                                                                                 \
     }                                                                                              \
