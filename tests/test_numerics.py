@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn import _reference as ref
+from fastbn import _reference as ref, functional as F
 
 from conftest import rel_err
 
@@ -97,6 +97,40 @@ THREAD_CASES = [
     ((33, 17, 19, 70), -1, np.float64),
     ((2, 2500, 13), 1, np.float32),
 ]
+# The reduction partition's modes (_kernels._reduction): NCL runs spanning every channel (a slot
+# per channel and run), runs shorter than C (a slot per segment), pieces of long segments,
+# one-block segments (7x7, and shorter than a vector), half-size runs of small inputs;
+# channels-last super-rows at C = 256, and enough slots for a parallel merge.
+PARTITION_CASES = [
+    ((64, 16, 2500), 1, np.float32),
+    ((40, 300, 500), 1, np.float32),
+    ((2, 3, 70001), 1, np.float64),
+    ((40, 64, 49), 1, np.float32),
+    ((100, 64, 7), 1, np.float32),
+    ((16, 40, 49), 1, np.float64),
+    ((500, 256), 1, np.float32),
+    ((2100, 1030), 1, np.float32),
+]
+THREAD_CASES += PARTITION_CASES
+
+
+@pytest.mark.parametrize("shape,axis,dtype", PARTITION_CASES)
+def test_reduction_partitions_match_float64(shape, axis, dtype, rng):
+    x = (5.0 + rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    red = tuple(i for i in range(x.ndim) if i != axis)
+    xd, dyd = x.astype(np.float64), dy.astype(np.float64)
+    n, mean, m2 = F.channel_moments(x, axis=axis)
+    emean = xd.mean(axis=red)
+    dev = xd - np.expand_dims(emean, red)
+    assert n == x.size // x.shape[axis]
+    tol = 1e-6 if dtype == np.float32 else 1e-12
+    assert rel_err(mean, emean) < tol
+    assert rel_err(m2, (dev**2).sum(axis=red)) < tol
+    _, s1, s2 = F.backward_sums(dy, x, mean, axis=axis)
+    assert rel_err(s1, dyd.sum(axis=red), np.abs(dyd).sum(axis=red).max()) < tol
+    terms = np.abs(dyd * dev).sum(axis=red).max()
+    assert rel_err(s2, (dyd * dev).sum(axis=red), terms) < tol
 
 
 def run_all(x, axis, rng_seed=7):
