@@ -917,6 +917,8 @@ cpdef forward_train(cnp.ndarray x, y, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, 
     cdef double *sp = <double *>_out(stats, cnp.NPY_FLOAT64, 3 * C, "stats")
     cdef int rc
     cdef Ctx ctx = _ctx(t == cnp.NPY_FLOAT32, xp, yp, O, C, I)
+    if O * I == 0:  # the statistics shift reads each channel's first value
+        raise ValueError("fastbn kernels: forward_train needs outer * inner >= 1")
     cdef const double *wp
     cdef const double *bp
     cdef double *scratch = <double *>malloc((2 * C + 1) * sizeof(double))
