@@ -50,8 +50,11 @@
 #define FBN_BLOCK 8
 
 /* Rows of a channels-last block summed in registers (in T, like FBN_BLOCK) before each update
- * of the double accumulators. */
+ * of the double accumulators: 8 for the statistics (x), 4 for the backward sums, which read
+ * two or three arrays, so 8 rows were 16-24 streams side by side (17 GB/s against 20-27 for 4
+ * from L3, 20 against 28-42 in cache; 2 rows were slower again). */
 #define FBN_ROWS 8
+#define FBN_BROWS 4
 
 /* One 64-byte vector of T (16 floats or 8 doubles): the accumulators of the per-segment
  * reductions. GCC (>= 12) and Clang vector extensions keep them in registers; arrays indexed in
@@ -402,7 +405,7 @@ static FBN_CLONES void fbn_bwd_sums_##T(const T *FBN_RESTRICT dy, const T *FBN_R
     }                                                                                              \
 }                                                                                                  \
                                                                                                    \
-/* Rows of a channels-last block (see fbn_bwd_sums), per-lane mhi/mlo, FBN_ROWS rows per pass      \
+/* Rows of a channels-last block (see fbn_bwd_sums), per-lane mhi/mlo, FBN_BROWS rows per pass     \
  * summed in registers as in fbn_sums_rows (one row per pass was 1.4-1.8x slower in cache).        \
  * IN dy, x, y (or NULL), mhi/mlo[width]; INOUT a1[width], a2[width] */                            \
 static FBN_CLONES void fbn_bwd_sums_rows_##T(const T *FBN_RESTRICT dy, const T *FBN_RESTRICT x,    \
@@ -412,14 +415,14 @@ static FBN_CLONES void fbn_bwd_sums_rows_##T(const T *FBN_RESTRICT dy, const T *
                                             double *FBN_RESTRICT a1, double *FBN_RESTRICT a2)      \
 {                                                                                                  \
     ptrdiff_t r = 0;                                                                               \
-    for (; r + FBN_ROWS <= nrows; r += FBN_ROWS) {                                                 \
+    for (; r + FBN_BROWS <= nrows; r += FBN_BROWS) {                                               \
         const T *dyr = dy + r * stride, *xr = x + r * stride;                                      \
         if (y) {                                                                                   \
             const T *yr = y + r * stride;                                                          \
             FBN_SIMD                                                                               \
             for (ptrdiff_t j = 0; j < width; j++) {                                                \
                 T h = mhi[j], l = mlo[j], s1 = 0, s2 = 0;                                          \
-                for (int q = 0; q < FBN_ROWS; q++) {                                               \
+                for (int q = 0; q < FBN_BROWS; q++) {                                              \
                     T d = dyr[q * stride + j], g = yr[q * stride + j] > 0 ? d : (T)0;              \
                     s1 += g;                                                                       \
                     s2 += g * ((xr[q * stride + j] - h) - l);                                      \
@@ -431,7 +434,7 @@ static FBN_CLONES void fbn_bwd_sums_rows_##T(const T *FBN_RESTRICT dy, const T *
             FBN_SIMD                                                                               \
             for (ptrdiff_t j = 0; j < width; j++) {                                                \
                 T h = mhi[j], l = mlo[j], s1 = 0, s2 = 0;                                          \
-                for (int q = 0; q < FBN_ROWS; q++) {                                               \
+                for (int q = 0; q < FBN_BROWS; q++) {                                              \
                     T g = dyr[q * stride + j];                                                     \
                     s1 += g;                                                                       \
                     s2 += g * ((xr[q * stride + j] - h) - l);                                      \
