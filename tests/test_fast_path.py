@@ -1,7 +1,8 @@
-"""The one-call fast paths of batch_norm and batch_norm_backward (fastbn._kernels).
+"""The one-call fast paths of batch_norm, forward_with_stats and batch_norm_backward.
 
 functional offers plain calls (C-contiguous float32/float64 ndarrays, exact 1-D per-channel
-ndarrays, plain scalars) to _kernels.batch_norm_fast / batch_norm_backward_fast first. These
+ndarrays, plain scalars) to _kernels.batch_norm_fast / forward_with_stats_fast /
+batch_norm_backward_fast first. These
 tests pin down that (1) such calls do take the fast path, (2) its results, running-statistics
 updates included, are bitwise those of the general path, and (3) everything else (other
 layouts, dtypes, types, and every invalid argument) is handed back to the general path, whose
@@ -18,6 +19,7 @@ SHAPES = [((6, 5), 1), ((6, 5), -1), ((6, 5), 0), ((4, 3, 7), 1), ((2, 3, 4, 5),
 
 def _general(monkeypatch):
     monkeypatch.setattr(_kernels, "batch_norm_fast", lambda *a: None)
+    monkeypatch.setattr(_kernels, "forward_with_stats_fast", lambda *a: None)
     monkeypatch.setattr(_kernels, "batch_norm_backward_fast", lambda *a: None)
 
 
@@ -54,6 +56,24 @@ def test_forward_fast_path_is_taken_and_matches_the_general_path(
         assert np.array_equal(fast_rm, gen_rm) and np.array_equal(fast_rv, gen_rv)
         if training:
             assert not np.array_equal(fast_rm, rm), "running statistics were not updated"
+
+
+@pytest.mark.parametrize("shape,axis", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_forward_with_stats_fast_path_matches_the_general_path(
+        rng, monkeypatch, shape, axis, dtype, affine, activation):
+    x, w, b, _, _ = _args(rng, shape, axis, dtype, np.float32, affine)
+    got = _kernels.forward_with_stats_fast(x, w, b, 1e-5, axis, activation, 1)
+    assert got is not None, "plain arguments should take the fast path"
+    with monkeypatch.context() as m:
+        _general(m)
+        ref = F.forward_with_stats(x, w, b, axis=axis, eps=1e-5, activation=activation)
+    assert got[4] == ref[4] and type(got[4]) is type(ref[4])
+    for g, r in zip(got[:4], ref[:4]):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        assert np.array_equal(g, r)
 
 
 @pytest.mark.parametrize("shape,axis", SHAPES, ids=str)
@@ -122,6 +142,11 @@ def test_anything_else_takes_the_general_path(rng, case):
     for k, f in NOT_PLAIN[case].items():
         kw[k] = f(kw[k])
     assert _kernels.batch_norm_fast(*kw.values(), 1) is None
+    # forward_with_stats has no running statistics or momentum: the cases on its arguments
+    if not {"running_mean", "running_var", "momentum"} & set(NOT_PLAIN[case]):
+        got = _kernels.forward_with_stats_fast(kw["x"], kw["weight"], kw["bias"], kw["eps"],
+                                               kw["axis"], kw["activation"], 1)
+        assert got is None
 
 
 def test_the_general_path_still_reports_bad_arguments(rng):

@@ -32,6 +32,9 @@ def update_running(running_mean: NDArray[np.floating] | None,
 def batch_norm_fast(x: object, weight: object, bias: object, running_mean: object,
                     running_var: object, training: bool, momentum: object, eps: object,
                     axis: object, activation: object, nthreads: int) -> _F | None: ...
+def forward_with_stats_fast(x: object, weight: object, bias: object, eps: object, axis: object,
+                            activation: object, nthreads: int
+                            ) -> tuple[_F, _D, _D, _D, int] | None: ...
 def batch_norm_backward_fast(dy: object, x: object, mean: object, invstd: object,
                              weight: object, axis: object, training: bool, activation: object,
                              y: object, nthreads: int) -> tuple[_F, _F, _F] | None: ...

@@ -1241,37 +1241,67 @@ cdef inline bint _plain_unit(object v, double lo, double hi) noexcept:
     return type(v) is float and lo <= <double>v <= hi
 
 
+cdef bint _plain_forward(object x, object weight, object bias, object eps, object axis,
+                         object activation, Py_ssize_t *O, Py_ssize_t *C, Py_ssize_t *I,
+                         int *relu) noexcept:
+    # the arguments every forward shares: x, weight, bias, a finite eps >= 0, the activation
+    relu[0] = _plain_relu(activation)
+    return (relu[0] >= 0 and _plain_x(x, axis, O, C, I) and _plain_unit(eps, 0.0, INFINITY)
+            and eps != INFINITY and _plain_chan(weight, C[0], False)
+            and _plain_chan(bias, C[0], False))
+
+
+cdef tuple _train_forward(object x, object weight, object bias, double eps, bint relu,
+                          Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, int nthreads):
+    # (y, stats = [mean | var (biased) | invstd]) of a checked training forward
+    cdef cnp.ndarray y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x),
+                                           cnp.PyArray_DIMS(<cnp.ndarray>x),
+                                           cnp.PyArray_TYPE(<cnp.ndarray>x), 0)
+    cdef cnp.ndarray stats = cnp.PyArray_EMPTY(1, [3 * C], cnp.NPY_FLOAT64, 0)
+    forward_train(x, y, O, C, I, weight, bias, eps, relu, stats, nthreads)
+    return y, stats
+
+
 def batch_norm_fast(x, weight, bias, running_mean, running_var, bint training, momentum, eps,
                     axis, activation, int nthreads):
     """fastbn.functional.batch_norm (no out=) for plain arguments, else None."""
     cdef Py_ssize_t O, C, I
-    cdef int relu = _plain_relu(activation)
+    cdef int relu
     cdef cnp.ndarray y, stats
     cdef double n
     cdef const double *sp
-    if (relu < 0 or not _plain_x(x, axis, &O, &C, &I) or not _plain_unit(eps, 0.0, INFINITY)
-            or eps == INFINITY or not _plain_chan(weight, C, False)
-            or not _plain_chan(bias, C, False)
+    if (not _plain_forward(x, weight, bias, eps, axis, activation, &O, &C, &I, &relu)
             or not _plain_chan(running_mean, C, training)
             or not _plain_chan(running_var, C, training)):
         return None
-    y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x), cnp.PyArray_DIMS(<cnp.ndarray>x),
-                          cnp.PyArray_TYPE(<cnp.ndarray>x), 0)
     if not training:
         if running_mean is None or running_var is None:
             return None
+        y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x),
+                              cnp.PyArray_DIMS(<cnp.ndarray>x), cnp.PyArray_TYPE(<cnp.ndarray>x),
+                              0)
         normalize_running(x, y, O, C, I, running_mean, running_var, eps, weight, bias, relu,
                           nthreads)
         return y
     n = <double>(O * I)
     if n <= 1 or not _plain_unit(momentum, 0.0, 1.0):
         return None
-    stats = cnp.PyArray_EMPTY(1, [3 * C], cnp.NPY_FLOAT64, 0)
-    forward_train(x, y, O, C, I, weight, bias, eps, relu, stats, nthreads)
+    y, stats = _train_forward(x, weight, bias, eps, relu, O, C, I, nthreads)
     sp = <const double *>cnp.PyArray_DATA(stats)
     _update_one(running_mean, sp, C, 1.0, momentum)
     _update_one(running_var, sp + C, C, n / (n - 1), momentum)
     return y
+
+
+def forward_with_stats_fast(x, weight, bias, eps, axis, activation, int nthreads):
+    """fastbn.functional.forward_with_stats (no out=) for plain arguments, else None."""
+    cdef Py_ssize_t O, C, I
+    cdef int relu
+    if (not _plain_forward(x, weight, bias, eps, axis, activation, &O, &C, &I, &relu)
+            or O * I <= 1):
+        return None
+    y, stats = _train_forward(x, weight, bias, eps, relu, O, C, I, nthreads)
+    return y, stats[:C], stats[2 * C:], stats[C:2 * C], O * I
 
 
 def batch_norm_backward_fast(dy, x, mean, invstd, weight, axis, bint training, activation, y,

@@ -395,6 +395,11 @@ def forward_with_stats(x, weight=None, bias=None, *, axis=1, eps=1e-5, activatio
 
     Returns (y, mean, invstd, var, count).
     """
+    if out is None:  # plain NumPy arguments: validated and run in one C call (_kernels)
+        r = _kernels.forward_with_stats_fast(x, weight, bias, eps, axis, activation,
+                                             get_num_threads())
+        if r is not None:
+            return r
     if _backend.is_cupy_array(x):  # CuPy input: the GPU path (fastbn.cuda)
         from .cuda import functional as _gpu
 
