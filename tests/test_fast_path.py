@@ -1,8 +1,9 @@
-"""The one-call fast paths of batch_norm, forward_with_stats and batch_norm_backward.
+"""The one-call fast paths of batch_norm, forward_with_stats, normalize, invstd_from_var and
+batch_norm_backward.
 
 functional offers plain calls (C-contiguous float32/float64 ndarrays, exact 1-D per-channel
-ndarrays, plain scalars) to _kernels.batch_norm_fast / forward_with_stats_fast /
-batch_norm_backward_fast first. These
+ndarrays, plain scalars) to _kernels.batch_norm_fast / forward_with_stats_fast / normalize_fast /
+invstd_fast / batch_norm_backward_fast first. These
 tests pin down that (1) such calls do take the fast path, (2) its results, running-statistics
 updates included, are bitwise those of the general path, and (3) everything else (other
 layouts, dtypes, types, and every invalid argument) is handed back to the general path, whose
@@ -20,6 +21,8 @@ SHAPES = [((6, 5), 1), ((6, 5), -1), ((6, 5), 0), ((4, 3, 7), 1), ((2, 3, 4, 5),
 def _general(monkeypatch):
     monkeypatch.setattr(_kernels, "batch_norm_fast", lambda *a: None)
     monkeypatch.setattr(_kernels, "forward_with_stats_fast", lambda *a: None)
+    monkeypatch.setattr(_kernels, "normalize_fast", lambda *a: None)
+    monkeypatch.setattr(_kernels, "invstd_fast", lambda *a: None)
     monkeypatch.setattr(_kernels, "batch_norm_backward_fast", lambda *a: None)
 
 
@@ -74,6 +77,54 @@ def test_forward_with_stats_fast_path_matches_the_general_path(
     for g, r in zip(got[:4], ref[:4]):
         assert g.dtype == r.dtype and g.shape == r.shape
         assert np.array_equal(g, r)
+
+
+@pytest.mark.parametrize("shape,axis", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("pdtype", [np.float32, np.float64], ids=["p32", "p64"])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_normalize_fast_path_matches_the_general_path(rng, monkeypatch, shape, axis, dtype,
+                                                      pdtype, activation):
+    x, w, b, rm, rv = _args(rng, shape, axis, dtype, pdtype, True)
+    inv = (1 / np.sqrt(rv + 1e-5)).astype(pdtype)
+    for weight, bias in ((w, b), (None, None)):
+        got = _kernels.normalize_fast(x, rm, inv, weight, bias, axis, activation, 1)
+        assert got is not None, "plain arguments should take the fast path"
+        with monkeypatch.context() as m:
+            _general(m)
+            ref = F.normalize(x, rm, inv, weight, bias, axis=axis, activation=activation)
+        assert got.dtype == ref.dtype and np.array_equal(got, ref)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_invstd_fast_path_matches_the_numpy_formula(monkeypatch, dtype):
+    var = np.array([0.0, -0.0, 1e-30, 0.25, 2.0, 1e30, np.inf, np.nan, -1.0, 3.0], dtype)
+    for eps in (0.0, 1e-5, 1.0):
+        got = _kernels.invstd_fast(var, eps)
+        assert got is not None and got.dtype == np.float64
+        with monkeypatch.context() as m:
+            _general(m)
+            with np.errstate(invalid="ignore"):
+                ref = F.invstd_from_var(var, eps)
+        assert np.array_equal(got, ref, equal_nan=True)
+    assert _kernels.invstd_fast(var, 0) is None  # an int eps: the general path
+    assert _kernels.invstd_fast(var[::2], 0.0) is None
+    assert _kernels.invstd_fast(var.reshape(2, 5), 0.0) is None
+    assert _kernels.invstd_fast(var.tolist(), 0.0) is None
+    assert _kernels.invstd_fast(np.ones(3, np.float16), 0.0) is None
+
+
+def test_normalize_takes_the_general_path_for_non_plain_arguments(rng):
+    x = rng.standard_normal((8, 4)).astype(np.float32)
+    m, s = np.zeros(4), np.ones(4)
+    fast = _kernels.normalize_fast
+    assert fast(np.asfortranarray(x), m, s, None, None, 1, None, 1) is None
+    assert fast(x, None, s, None, None, 1, None, 1) is None
+    assert fast(x, m[:3], s, None, None, 1, None, 1) is None
+    assert fast(x, m, s.tolist(), None, None, 1, None, 1) is None
+    assert fast(x, m, s, None, None, 1, "gelu", 1) is None
+    with pytest.raises(ValueError, match=r"invstd: expected shape \(4,\)"):
+        F.normalize(x, m, s[:3])
 
 
 @pytest.mark.parametrize("shape,axis", SHAPES, ids=str)

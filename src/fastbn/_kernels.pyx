@@ -1293,6 +1293,46 @@ def batch_norm_fast(x, weight, bias, running_mean, running_var, bint training, m
     return y
 
 
+def normalize_fast(x, mean, invstd, weight, bias, axis, activation, int nthreads):
+    """fastbn.functional.normalize (no out=) for plain arguments, else None."""
+    cdef Py_ssize_t O, C, I
+    cdef int relu = _plain_relu(activation)
+    cdef cnp.ndarray y
+    if (relu < 0 or not _plain_x(x, axis, &O, &C, &I) or mean is None or invstd is None
+            or not _plain_chan(mean, C, False) or not _plain_chan(invstd, C, False)
+            or not _plain_chan(weight, C, False) or not _plain_chan(bias, C, False)):
+        return None
+    y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x), cnp.PyArray_DIMS(<cnp.ndarray>x),
+                          cnp.PyArray_TYPE(<cnp.ndarray>x), 0)
+    normalize(x, y, O, C, I, mean, invstd, weight, bias, relu, nthreads)
+    return y
+
+
+def invstd_fast(var, eps):
+    """fastbn.functional.invstd_from_var for a plain 1-D float32/float64 var and float eps, else
+    None: 1/sqrt(var + eps) in float64, 0 where var + eps == 0 (the arithmetic of the NumPy
+    version, value for value)."""
+    cdef Py_ssize_t c, C
+    cdef cnp.ndarray out
+    cdef const double *vp
+    cdef double *op
+    cdef double e
+    if type(eps) is not float or not cnp.PyArray_CheckExact(var):
+        return None
+    if cnp.PyArray_NDIM(<cnp.ndarray>var) != 1:
+        return None
+    C = cnp.PyArray_DIM(<cnp.ndarray>var, 0)
+    if not _plain_chan(var, C, False):
+        return None
+    e = eps
+    out = cnp.PyArray_EMPTY(1, [C], cnp.NPY_FLOAT64, 0)
+    op = <double *>cnp.PyArray_DATA(out)
+    vp = _chan(var, C, "var", op)  # float32 values are widened into out itself
+    for c in range(C):
+        op[c] = _invstd(vp[c], e)
+    return out
+
+
 def forward_with_stats_fast(x, weight, bias, eps, axis, activation, int nthreads):
     """fastbn.functional.forward_with_stats (no out=) for plain arguments, else None."""
     cdef Py_ssize_t O, C, I

@@ -243,6 +243,11 @@ def channel_moments(x, *, axis=1):
 
 def normalize(x, mean, invstd, weight=None, bias=None, *, axis=1, activation=None, out=None):
     """y = (x - mean) * invstd * weight + bias per channel (then ReLU), for given statistics."""
+    if out is None:  # plain NumPy arguments: validated and run in one C call (_kernels)
+        y = _kernels.normalize_fast(x, mean, invstd, weight, bias, axis, activation,
+                                    get_num_threads())
+        if y is not None:
+            return y
     if _backend.is_cupy_array(x):  # CuPy input: the GPU path (fastbn.cuda)
         from .cuda import functional as _gpu
 
@@ -326,6 +331,9 @@ def backward_dx(dy, x, mean, invstd, sum_dy, sum_dy_xmu, count, weight=None, *, 
 
 def invstd_from_var(var, eps):
     """1/sqrt(var + eps), and 0 where var + eps == 0 (x_hat = 0 there, as in the kernels)."""
+    inv = _kernels.invstd_fast(var, eps)
+    if inv is not None:  # a plain 1-D float32/float64 NumPy var: one C loop, same values
+        return inv
     if _backend.is_cupy_array(var):  # CuPy input: the GPU path (fastbn.cuda)
         from .cuda import functional as _gpu
 
