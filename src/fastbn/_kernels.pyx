@@ -125,7 +125,6 @@ cdef inline Py_ssize_t _gcd(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
 
 cdef Rows _rows_partition(Py_ssize_t R, Py_ssize_t C) noexcept nogil:
     cdef Rows p
-    cdef Py_ssize_t chunk = CL_CHUNK  # values per block
     cdef Py_ssize_t m0 = 1
     p.R = R
     p.C = C
@@ -143,7 +142,7 @@ cdef Rows _rows_partition(Py_ssize_t R, Py_ssize_t C) noexcept nogil:
         p.m = 1
         p.tile = TILE
     p.ntiles = (C + p.tile - 1) // p.tile
-    p.rb = (chunk // (p.m * p.tile)) * p.m
+    p.rb = (CL_CHUNK // (p.m * p.tile)) * p.m
     if p.rb < p.m:
         p.rb = p.m
     p.nb = (R + p.rb - 1) // p.rb if R > 0 else 0
@@ -160,9 +159,9 @@ cdef struct Ctx:
     void *out              # OUT y or dx
     Py_ssize_t outer, channels, inner   # the canonical shape
     Rows p                 # channels-last partition
-    Py_ssize_t spr         # NCL reduction: segments per run, or 0 when runs are pieces of one
-    Py_ssize_t piece       # NCL reduction: values per piece (spr == 0)
-    Py_ssize_t ppi         # NCL reduction: pieces per segment (spr == 0)
+    Py_ssize_t spr         # NCL runs (_ncl_runs): segments per run, or 0 for pieces of one
+    Py_ssize_t piece       # NCL runs: values per piece (spr == 0)
+    Py_ssize_t ppi         # NCL runs: pieces per segment (1 when spr > 0)
     bint by_channel        # NCL reduction: every run spans all channels, one slot per channel
     Py_ssize_t G, P        # reduction slots are [G][C][P]; see _merge_task
     const double *mean     # per channel
@@ -206,30 +205,36 @@ cdef struct Block:
     Py_ssize_t len
 
 
-cdef inline Py_ssize_t _ncl_runs(Py_ssize_t O, Py_ssize_t C, Py_ssize_t I) noexcept nogil:
-    """Elementwise NCL tasks: runs of whole segments in memory order, or pieces of one."""
-    if I <= CHUNK:
-        return (O * C + CHUNK // I - 1) // (CHUNK // I)
-    return O * C * ((I + CHUNK - 1) // CHUNK)
+cdef Py_ssize_t _ncl_runs(Ctx *ctx, Py_ssize_t run) noexcept nogil:
+    """Cut ctx's NCL array into runs in memory order: spr whole segments each when a segment
+    fits in `run` values, else (spr = 0) pieces of `run` values of one segment, ppi of them.
+    Returns the number of runs; _ncl_run gives run t."""
+    cdef Py_ssize_t S = ctx.outer * ctx.channels, I = ctx.inner
+    ctx.piece = run
+    if I > run:
+        ctx.spr = 0
+        ctx.ppi = (I + run - 1) // run
+        return S * ctx.ppi
+    ctx.spr = run // I
+    ctx.ppi = 1
+    return (S + ctx.spr - 1) // ctx.spr
 
 
-cdef inline Block _ncl_run(const Ctx *ctx, Py_ssize_t t, Py_ssize_t *c0) noexcept nogil:
-    # Run t: segments [t*spr, ...) in memory order (nseg of them, contiguous), first channel c0.
+cdef inline Block _ncl_run(const Ctx *ctx, Py_ssize_t t, Py_ssize_t *s0) noexcept nogil:
+    # Run t of _ncl_runs: its values (nseg contiguous segments, or a piece of one) and first
+    # segment s0 (of channel s0 % C).
     cdef Block b
-    cdef Py_ssize_t I = ctx.inner, S = ctx.outer * ctx.channels, spr, ppi, s0
-    if I <= CHUNK:
-        spr = CHUNK // I
-        s0 = t * spr
-        b.nseg = min(spr, S - s0)
-        b.len = I
-        b.off = s0 * I
-    else:
-        ppi = (I + CHUNK - 1) // CHUNK
-        s0 = t // ppi
+    cdef Py_ssize_t I = ctx.inner
+    if ctx.spr == 0:
+        s0[0] = t // ctx.ppi
         b.nseg = 1
-        b.len = min(CHUNK, I - (t % ppi) * CHUNK)
-        b.off = s0 * I + (t % ppi) * CHUNK
-    c0[0] = s0 % ctx.channels
+        b.len = min(ctx.piece, I - (t % ctx.ppi) * ctx.piece)
+        b.off = s0[0] * I + (t % ctx.ppi) * ctx.piece
+    else:
+        s0[0] = t * ctx.spr
+        b.nseg = min(ctx.spr, ctx.outer * ctx.channels - s0[0])
+        b.len = I
+        b.off = s0[0] * I
     return b
 
 
@@ -254,41 +259,24 @@ cdef Py_ssize_t _reduction(Ctx *ctx) noexcept nogil:
     # Inputs under 32 runs get half-size runs: 6-7 runs split 4:3 over two threads, 13 split
     # 7:6 ((16, 512, 7, 7), 2 threads: statistics 72 -> 64 us).
     run = max(<Py_ssize_t>RUN if O * C * I >= 32 * RUN else RUN // 2, 64 * C)
-    if I > run:
-        ctx.spr = 0
-        ctx.piece = run
-        ctx.ppi = (I + run - 1) // run
-        ctx.by_channel = False
-        ctx.G = O
-        ctx.P = ctx.ppi
-        return O * C * ctx.ppi
-    ctx.spr = run // I
-    ctx.by_channel = ctx.spr >= C
-    ntasks = (O * C + ctx.spr - 1) // ctx.spr
+    ntasks = _ncl_runs(ctx, run)
+    ctx.by_channel = ctx.spr >= C  # (spr = 0 for pieces: a slot per piece)
     ctx.G = ntasks if ctx.by_channel else O
-    ctx.P = 1
+    ctx.P = ctx.ppi
     return ntasks
 
 
 cdef inline Block _reduction_run(const Ctx *ctx, Py_ssize_t t, Py_ssize_t *c0,
                                  Py_ssize_t *slot, Py_ssize_t *nslots) noexcept nogil:
     # NCL task t (see _reduction): its values, first channel, first slot and number of slots.
-    cdef Block b
-    cdef Py_ssize_t I = ctx.inner, s0
-    if ctx.spr == 0:
-        s0 = t // ctx.ppi
-        b.nseg = 1
-        b.off = s0 * I + (t % ctx.ppi) * ctx.piece
-        b.len = min(ctx.piece, I - (t % ctx.ppi) * ctx.piece)
-        slot[0] = t
-        nslots[0] = 1
-    else:
-        s0 = t * ctx.spr
-        b.nseg = min(ctx.spr, ctx.outer * ctx.channels - s0)
-        b.len = I
-        b.off = s0 * I
-        slot[0] = t * ctx.channels if ctx.by_channel else s0
-        nslots[0] = ctx.channels if ctx.by_channel else b.nseg
+    cdef Py_ssize_t s0
+    cdef Block b = _ncl_run(ctx, t, &s0)
+    if ctx.by_channel:
+        slot[0] = t * ctx.channels
+        nslots[0] = ctx.channels
+    else:  # a slot per segment, or per piece (slot t = (o*C + c) * ppi + piece)
+        slot[0] = t if ctx.spr == 0 else s0
+        nslots[0] = b.nseg
     c0[0] = s0 % ctx.channels
     return b
 
@@ -457,6 +445,7 @@ cdef void _ncl_norm(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept no
     # Task t: a run of segments in memory order. lanes = [mhi | scale | shift], C each.
     cdef Py_ssize_t c0, C = ctx.channels
     cdef Block blk = _ncl_run(ctx, t, &c0)
+    c0 = c0 % C  # the first segment's channel
     cdef const floating *L = <const floating *>ctx.lanes
     if floating is float:
         fbn_norm_float(x + blk.off, <float *>ctx.out + blk.off, blk.nseg, blk.len, c0, C, L,
@@ -556,7 +545,7 @@ cdef int _normalize(Ctx *ctx, int nthreads) noexcept nogil:
     cdef Py_ssize_t ntasks
     if ctx.inner > 1:
         lanes = _make_lanes(ctx, 3, 1)
-        ntasks = _ncl_runs(ctx.outer, ctx.channels, ctx.inner)
+        ntasks = _ncl_runs(ctx, CHUNK)
     else:
         ctx.p = _rows_partition(ctx.outer, ctx.channels)
         lanes = _make_lanes(ctx, 3, ctx.p.m)
@@ -660,6 +649,7 @@ cdef void _ncl_dx(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogi
     cdef const floating *y = <const floating *>ctx.y
     cdef Py_ssize_t c0, C = ctx.channels
     cdef Block blk = _ncl_run(ctx, t, &c0)
+    c0 = c0 % C  # the first segment's channel
     cdef const floating *L = <const floating *>ctx.lanes
     if floating is float:
         fbn_bwd_dx_float(dy + blk.off, x + blk.off, y + blk.off if y != NULL else NULL,
@@ -721,7 +711,7 @@ cdef int _bwd_dx(Ctx *ctx, int nthreads) noexcept nogil:
     cdef Py_ssize_t ntasks
     if ctx.inner > 1:
         lanes = _make_lanes(ctx, 4, 1)
-        ntasks = _ncl_runs(ctx.outer, ctx.channels, ctx.inner)
+        ntasks = _ncl_runs(ctx, CHUNK)
     else:
         ctx.p = _rows_partition(ctx.outer, ctx.channels)
         lanes = _make_lanes(ctx, 4, ctx.p.m)
