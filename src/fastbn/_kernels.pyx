@@ -1231,6 +1231,12 @@ cdef inline bint _plain_unit(object v, double lo, double hi) noexcept:
     return type(v) is float and lo <= <double>v <= hi
 
 
+cdef inline cnp.ndarray _empty_like(object a):
+    # a new C-ordered array of a's shape and dtype (a: an ndarray the checks above accepted)
+    return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>a), cnp.PyArray_DIMS(<cnp.ndarray>a),
+                             cnp.PyArray_TYPE(<cnp.ndarray>a), 0)
+
+
 cdef bint _plain_forward(object x, object weight, object bias, object eps, object axis,
                          object activation, Py_ssize_t *O, Py_ssize_t *C, Py_ssize_t *I,
                          int *relu) noexcept:
@@ -1244,9 +1250,7 @@ cdef bint _plain_forward(object x, object weight, object bias, object eps, objec
 cdef tuple _train_forward(object x, object weight, object bias, double eps, bint relu,
                           Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, int nthreads):
     # (y, stats = [mean | var (biased) | invstd]) of a checked training forward
-    cdef cnp.ndarray y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x),
-                                           cnp.PyArray_DIMS(<cnp.ndarray>x),
-                                           cnp.PyArray_TYPE(<cnp.ndarray>x), 0)
+    cdef cnp.ndarray y = _empty_like(x)
     cdef cnp.ndarray stats = cnp.PyArray_EMPTY(1, [3 * C], cnp.NPY_FLOAT64, 0)
     forward_train(x, y, O, C, I, weight, bias, eps, relu, stats, nthreads)
     return y, stats
@@ -1267,9 +1271,7 @@ def batch_norm_fast(x, weight, bias, running_mean, running_var, bint training, m
     if not training:
         if running_mean is None or running_var is None:
             return None
-        y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x),
-                              cnp.PyArray_DIMS(<cnp.ndarray>x), cnp.PyArray_TYPE(<cnp.ndarray>x),
-                              0)
+        y = _empty_like(x)
         normalize_running(x, y, O, C, I, running_mean, running_var, eps, weight, bias, relu,
                           nthreads)
         return y
@@ -1292,8 +1294,7 @@ def normalize_fast(x, mean, invstd, weight, bias, axis, activation, int nthreads
             or not _plain_chan(mean, C, False) or not _plain_chan(invstd, C, False)
             or not _plain_chan(weight, C, False) or not _plain_chan(bias, C, False)):
         return None
-    y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x), cnp.PyArray_DIMS(<cnp.ndarray>x),
-                          cnp.PyArray_TYPE(<cnp.ndarray>x), 0)
+    y = _empty_like(x)
     normalize(x, y, O, C, I, mean, invstd, weight, bias, relu, nthreads)
     return y
 
@@ -1352,7 +1353,7 @@ def batch_norm_backward_fast(dy, x, mean, invstd, weight, axis, bint training, a
     if not _plain_like(dy, xa) or (relu and not _plain_like(y, xa)):
         return None
     t = cnp.PyArray_TYPE(xa)
-    dx = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), t, 0)
+    dx = _empty_like(xa)
     sums = cnp.PyArray_EMPTY(1, [2 * C], cnp.NPY_FLOAT64, 0)
     backward(dy, x, y if relu else None, dx, O, C, I, mean, invstd, weight, training, sums,
              nthreads)
