@@ -1,5 +1,5 @@
 """CPU-or-GPU dispatch, tested on the CPU: module detection, mixed-module errors, routing of
-every public function to fastbn.cuda.functional for CuPy input, and no CuPy import at
+every public function to the CUDA backend (fastbn.cuda.backend) for CuPy input, and no CuPy import at
 ``import fastbn``. (The GPU functions themselves run in tests/test_cuda_compile.py under a host
 emulation of the kernels, and on a real GPU in tests/gpu.)
 """
@@ -55,28 +55,6 @@ def test_is_cupy_array_looks_at_the_type_module_only():
     assert not _backend.is_cupy_array(None)
 
 
-def test_get_array_module_numpy_without_cupy():
-    assert _backend.get_array_module(np.zeros(3), None, np.ones(2)) is np
-    assert _backend.get_array_module() is np
-
-
-def test_get_array_module_returns_cupy_for_cupy_arrays(monkeypatch):
-    fake = type(sys)("cupy")
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    assert _backend.get_array_module(_CupyLike(), None, _CupyLike()) is fake
-
-
-@pytest.mark.parametrize("order", ["numpy_first", "cupy_first"])
-def test_get_array_module_refuses_mixed_modules(order):
-    args = [np.zeros(3), _CupyLike()]
-    if order == "cupy_first":
-        args.reverse()
-    pattern = (r"argument 1: expected a (NumPy|CuPy) array like the first array argument, "
-               r"got a (CuPy|NumPy) array")
-    with pytest.raises(TypeError, match=pattern):
-        _backend.get_array_module(*args)
-
-
 # ------------------------------------------------------------------ device arrays, CPU path
 
 @pytest.mark.parametrize("device_array", [_CupyLike, _OtherDeviceArray])
@@ -99,75 +77,48 @@ def test_numpy_path_refuses_a_foreign_device_x():
 
 
 # --------------------------------------------------------------------------- routing
+# One functional layer serves both array modules: it validates, lays x out and calls a backend's
+# verbs. These tests check which backend a call reaches and that the two backends offer the same
+# verbs; the CUDA verbs themselves run in tests/test_cuda_compile.py (host emulation) and tests/gpu.
 
-_PUBLIC = ["batch_norm_forward", "forward_with_stats", "batch_norm_backward", "batch_norm",
-           "channel_moments", "normalize", "backward_sums", "backward_dx", "invstd_from_var"]
-
-
-def _sample_args(name):
-    x = _CupyLike()
-    c = [object() for _ in range(8)]  # opaque stand-ins: the dispatch must pass them through
-    return {
-        "batch_norm_forward": ((x, c[0], c[1]), dict(axis=-1, eps=0.5, activation="relu",
-                                                     out=c[2])),
-        "forward_with_stats": ((x, c[0], c[1]), dict(axis=-1, eps=0.5, activation="relu",
-                                                     out=c[2])),
-        "batch_norm_backward": ((c[0], x, c[1], c[2], c[3]), dict(axis=-1, training=False,
-                                                                  activation="relu", y=c[4])),
-        "batch_norm": ((x, c[0], c[1], c[2], c[3]), dict(training=False, momentum=0.5, eps=0.5,
-                                                         axis=-1, activation="relu",
-                                                         out=c[4])),
-        "channel_moments": ((x,), dict(axis=-1)),
-        "normalize": ((x, c[0], c[1], c[2], c[3]), dict(axis=-1, activation="relu", out=c[4])),
-        "backward_sums": ((c[0], x, c[1]), dict(axis=-1, activation="relu", y=c[2])),
-        "backward_dx": ((c[0], x, c[1], c[2], c[3], c[4], 7, c[5]),
-                        dict(axis=-1, training=False, activation="relu", y=c[6])),
-        "invstd_from_var": ((_CupyLike((3,)), 0.5), {}),  # the layer's eval mode uses it
-    }[name]
+_VERBS = ["stats", "forward_train", "normalize", "normalize_running", "backward_sums",
+          "backward_dx", "backward", "update_running", "invstd", "zeros", "chan",
+          "compute_dtype", "kernel_writable", "same_view"]
 
 
-@pytest.mark.parametrize("name", _PUBLIC)
-def test_cupy_input_goes_to_the_gpu_function_with_every_argument(name, monkeypatch):
-    from fastbn.cuda import functional as G
+def test_cupy_arrays_select_the_cuda_backend_and_numpy_the_cpu_one():
+    from fastbn import _cpu
+    from fastbn.cuda import backend as cuda_backend
 
-    calls = []
-
-    def record(*args, **kwargs):
-        calls.append((args, kwargs))
-        return "from-gpu"
-
-    monkeypatch.setattr(G, name, record)
-    args, kwargs = _sample_args(name)
-    assert getattr(F, name)(*args, **kwargs) == "from-gpu"
-    assert len(calls) == 1
-    # Bind both calls to the public signature: every argument arrives, by position or name.
-    sig = inspect.signature(getattr(F, name))
-    got = sig.bind(*calls[0][0], **calls[0][1]).arguments
-    want = sig.bind(*args, **kwargs).arguments
-    assert got.keys() == want.keys()
-    assert all(got[k] is want[k] for k in want)
+    assert F._backend(_CupyLike()) is cuda_backend
+    for a in (np.zeros((2, 3)), [[1.0, 2.0]], None):
+        assert F._backend(a) is _cpu
 
 
-@pytest.mark.parametrize("name", _PUBLIC)
-def test_gpu_functions_have_the_cpu_signatures(name):
-    from fastbn.cuda import functional as G
+@pytest.mark.parametrize("verb", _VERBS)
+def test_both_backends_have_every_verb_with_one_signature(verb):
+    from fastbn import _cpu
+    from fastbn.cuda import backend as cuda_backend
 
-    assert inspect.signature(getattr(G, name)) == inspect.signature(getattr(F, name))
+    assert (inspect.signature(getattr(cuda_backend, verb))
+            == inspect.signature(getattr(_cpu, verb)))
 
 
-def test_numpy_input_stays_on_the_cpu(monkeypatch):
-    from fastbn.cuda import functional as G
+def test_numpy_input_never_reaches_the_cuda_backend(monkeypatch):
+    from fastbn.cuda import backend as cuda_backend
 
     def boom(*args, **kwargs):
         raise AssertionError("the GPU path was taken for NumPy input")
 
-    for name in _PUBLIC:
-        monkeypatch.setattr(G, name, boom)
-    x = np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32)
-    y, mean, invstd = fastbn.batch_norm_forward(x)
-    assert isinstance(y, np.ndarray)
-    dx, dw, db = fastbn.batch_norm_backward(np.ones_like(x), x, mean, invstd)
-    assert isinstance(dx, np.ndarray)
+    for verb in _VERBS:
+        monkeypatch.setattr(cuda_backend, verb, boom)
+    x = np.random.default_rng(0).standard_normal((6, 3, 2)).astype(np.float32)
+    xs = x[:, :, ::2]  # not plain: the general path
+    for a in (x, xs):
+        y, mean, invstd = fastbn.batch_norm_forward(a)
+        assert isinstance(y, np.ndarray)
+        dx, dw, db = fastbn.batch_norm_backward(np.ones_like(a), a, mean, invstd)
+        assert isinstance(dx, np.ndarray)
 
 
 # --------------------------------------------------------------------------- no CuPy at import
@@ -177,7 +128,7 @@ def test_import_fastbn_does_not_import_cupy():
         "import sys, numpy as np, fastbn\n"
         "x = np.ones((4, 3), np.float32)\n"
         "fastbn.batch_norm_forward(x); fastbn.batch_norm(x)\n"
-        "import fastbn.cuda, fastbn.cuda.functional, fastbn.cuda.kernels\n"
+        "import fastbn.cuda, fastbn.cuda.backend, fastbn.cuda.kernels\n"
         "assert 'cupy' not in sys.modules, sorted(m for m in sys.modules if 'cupy' in m)\n"
     )
     assert run.returncode == 0, run.stderr

@@ -448,8 +448,10 @@ def test_to_gpu_without_cupy_raises_and_changes_nothing():
 
 def snapshot(bn):
     """Everything the layer holds, deep-copied, with the identity of each array and the cache."""
-    snap = {}
-    for k, v in vars(bn).items():
+    state = dict(vars(bn))
+    snap = {"_local.id": id(state.pop("_local"))}  # the per-thread forward cache: by identity
+    state["_ctx"] = bn._ctx
+    for k, v in state.items():
         if k == "_ctx":
             snap["_ctx.id"] = id(v)
             if v is not None:

@@ -47,7 +47,8 @@ from .functional import (
     normalize,
     update_running_stats,
 )
-from .layer import BatchNorm, _Context
+from . import _validation
+from .layer import BatchNorm
 
 __all__ = [
     "SyncBatchNorm",
@@ -382,7 +383,6 @@ class SyncBatchNorm(BatchNorm):
         self.timeout = timeout
         self._sync_id = next(_LAYER_IDS)
         self._calls = 0
-        self._sync_count = None  # (ctx, whole-batch count) of the last synchronised forward
 
     @property
     def comm(self):
@@ -396,19 +396,7 @@ class SyncBatchNorm(BatchNorm):
 
     @timeout.setter
     def timeout(self, value):
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating,
-                                                                 np.integer)):
-                raise TypeError(
-                    f"timeout: expected a positive number of seconds or None, got "
-                    f"{type(value).__name__}"
-                )
-            value = float(value)
-            if not value > 0:
-                raise ValueError(
-                    f"timeout: expected a positive number of seconds or None, got {value}"
-                )
-        self._timeout = value
+        self._timeout = _validation.timeout(value)
 
     # ----------------------------------------------------------------- collectives
 
@@ -460,13 +448,15 @@ class SyncBatchNorm(BatchNorm):
         """Normalise x with the whole batch's statistics (training) or the running ones (eval).
 
         Collective in training mode (and always with ``track_running_stats=False``): every
-        rank of ``comm`` must call it, each with its own slice of the batch.
+        rank of ``comm`` must call it, each with its own slice of the batch. The running
+        statistics follow BatchNorm's policy, with the whole batch's statistics.
         """
-        batch_stats = self.training or not self._track
         self._group.check_notices()
-        if not batch_stats:
-            return super().forward(x)  # running statistics: local, no communication
+        return super().forward(x)
 
+    __call__ = forward
+
+    def _batch_forward(self, x):
         def local():
             nonlocal x
             x = self._check_input(x)  # the layer is on the CPU: refuses CuPy arrays
@@ -479,29 +469,17 @@ class SyncBatchNorm(BatchNorm):
         C = self._num_features
         counts = gathered[:, 0].astype(np.int64)
         count, mean, m2 = merge_moments(counts, gathered[:, 1:1 + C], gathered[:, 1 + C:])
-        if count <= 1:
+        if count == 1:
             raise ValueError(
-                f"x: expected more than 1 value per channel when training, got {count} "
+                f"x: expected more than 1 value per channel when training, got 1 "
                 f"value(s) per channel in the whole batch across {self._group.size} ranks "
                 f"(this rank's input shape {x.shape})"
             )
-        var = m2 / count
+        var = m2 / count if count else np.zeros(C)
         invstd = invstd_from_var(var, self._eps)
-        w, b = self._weight, self._bias
-        y = normalize(x, mean, invstd, w, b, axis=self._axis, activation=self._activation)
-        if self.training and self._track:
-            n_batches = self._num_batches_tracked + 1
-            factor = 1.0 / n_batches if self._momentum is None else self._momentum
-            update_running_stats(self._running_mean, self._running_var, mean, var, count, factor)
-            self._num_batches_tracked = n_batches
-        self._ctx = _Context(
-            x, y if self._activation == "relu" else None, mean, invstd,
-            None if w is None else w.copy(), True, self._axis, self._activation,
-        )
-        self._sync_count = (self._ctx, count)
-        return y
-
-    __call__ = forward
+        y = normalize(x, mean, invstd, self._weight, self._bias, axis=self._axis,
+                      activation=self._activation)
+        return x, y, mean, invstd, var, count
 
     def backward(self, dy):
         """dx for this rank's slice; grad_weight/grad_bias accumulate the whole batch's.
@@ -511,7 +489,7 @@ class SyncBatchNorm(BatchNorm):
         """
         ctx = self._ctx
         self._group.check_notices()
-        synced = self._sync_count is not None and self._sync_count[0] is ctx and ctx is not None
+        synced = ctx is not None and ctx.training  # batch statistics: a synchronised forward
         if not synced and (ctx is not None or not (self.training or not self._track)):
             return super().backward(dy)  # inference-mode gradient: local
 
@@ -529,8 +507,7 @@ class SyncBatchNorm(BatchNorm):
         C = self._num_features
         sum_dy = _ordered_sum(gathered[:, :C])
         sum_dy_xmu = _ordered_sum(gathered[:, C:])
-        count = self._sync_count[1]
-        dx = backward_dx(dy, ctx.x, ctx.mean, ctx.invstd, sum_dy, sum_dy_xmu, count,
+        dx = backward_dx(dy, ctx.x, ctx.mean, ctx.invstd, sum_dy, sum_dy_xmu, ctx.count,
                          ctx.weight, axis=ctx.axis, training=True,
                          activation=ctx.activation, y=ctx.y)
         if self._affine:
@@ -562,7 +539,6 @@ class SyncBatchNorm(BatchNorm):
     def _plain_state(self):
         state = super().__getstate__()
         state["_group"] = None
-        state["_sync_count"] = None
         return state
 
     def __setstate__(self, state):

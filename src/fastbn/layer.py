@@ -6,15 +6,22 @@ and decides *which* statistics to use; all arithmetic on x is done by ``fastbn.f
 
 State changes are transactional: a call that raises (bad input, bad state dict, one value per
 channel in training) leaves every attribute, the running statistics, the gradients and the
-forward cache used by ``backward`` exactly as they were.
+forward cache used by ``backward`` exactly as they were. Every argument rule and message is in
+``fastbn._validation``.
+
+Threads: the forward cache that ``backward`` differentiates is kept per thread, so two threads
+sharing one layer each differentiate their own forward. The parameters, gradients and running
+statistics are shared: concurrent training steps on one layer race on them (the running
+statistics and the accumulated gradients then depend on the interleaving), as they would in
+PyTorch; use one layer per thread, or a lock, to train concurrently. Concurrent eval-mode
+forwards on one layer are safe.
 """
-import numbers
-import operator
+import threading
 from collections import namedtuple
-from collections.abc import Mapping
 
 import numpy as np
 
+from . import _validation as V
 from ._backend import is_cupy_array
 from .functional import (
     batch_norm_backward,
@@ -28,8 +35,6 @@ __all__ = ["BatchNorm", "IncompatibleKeys"]
 
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
-_PARAM_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-_DEVICES = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu"}
 _CHANNEL_STATE = ("weight", "bias", "running_mean", "running_var")
 
 
@@ -40,9 +45,9 @@ class _Context:
     backward does not change the gradient of the computation that actually ran.
     """
 
-    __slots__ = ("x", "y", "mean", "invstd", "weight", "training", "axis", "activation")
+    __slots__ = ("x", "y", "mean", "invstd", "weight", "training", "axis", "activation", "count")
 
-    def __init__(self, x, y, mean, invstd, weight, training, axis, activation):
+    def __init__(self, x, y, mean, invstd, weight, training, axis, activation, count=None):
         self.x = x
         self.y = y
         self.mean = mean
@@ -51,88 +56,10 @@ class _Context:
         self.training = training
         self.axis = axis
         self.activation = activation
+        self.count = count  # values per channel of the batch (SyncBatchNorm: the whole batch's)
 
 
-# --------------------------------------------------------------------------- validation
-
-def _check_bool(value, name):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
-    return bool(value)
-
-
-def _check_num_features(n):
-    if isinstance(n, (bool, np.bool_)):
-        raise TypeError("num_features: expected a positive int, got bool")
-    try:
-        n = operator.index(n)
-    except TypeError:
-        raise TypeError(f"num_features: expected a positive int, got {type(n).__name__}") from None
-    if n < 1:
-        raise ValueError(f"num_features: expected a positive int, got {n}")
-    return n
-
-
-def _check_axis(axis):
-    if isinstance(axis, (bool, np.bool_)):
-        raise TypeError("axis: expected an int, got bool")
-    try:
-        return operator.index(axis)
-    except TypeError:
-        raise TypeError(f"axis: expected an int, got {type(axis).__name__}") from None
-
-
-def _check_eps(eps):
-    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps: expected a finite non-negative float, got {type(eps).__name__}")
-    eps = float(eps)
-    if not (np.isfinite(eps) and eps >= 0.0):
-        raise ValueError(f"eps: expected a finite non-negative float, got {eps}")
-    return eps
-
-
-def _check_momentum(momentum):
-    if momentum is None:
-        return None
-    if isinstance(momentum, (bool, np.bool_)) or not isinstance(momentum, numbers.Real):
-        raise TypeError(
-            f"momentum: expected a float in [0, 1] or None (cumulative average), "
-            f"got {type(momentum).__name__}"
-        )
-    momentum = float(momentum)
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(
-            f"momentum: expected a float in [0, 1] or None (cumulative average), got {momentum}"
-        )
-    return momentum
-
-
-def _check_activation(activation):
-    if activation not in (None, "relu"):
-        raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
-    return activation
-
-
-def _check_dtype(dtype):
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"dtype: expected float32 or float64, got {dtype!r}") from None
-    if dt not in _PARAM_DTYPES:
-        hint = (
-            " (for float16 inputs keep float32 parameters: the layer computes them in float32 "
-            "and returns float16)" if dt == np.float16 else ""
-        )
-        raise TypeError(f"dtype: expected float32 or float64, got {dt}{hint}")
-    return dt
-
-
-def _check_device(device):
-    key = device.lower() if isinstance(device, str) else None
-    if key not in _DEVICES:
-        raise ValueError(f"device: expected 'cpu' or 'gpu' (alias 'cuda'), got {device!r}")
-    return _DEVICES[key]
-
+# --------------------------------------------------------------------------- helpers
 
 def _import_cupy(what):
     try:
@@ -143,10 +70,6 @@ def _import_cupy(what):
             "wheel matching your CUDA driver, e.g. `pip install cupy-cuda12x`."
         ) from exc
     return cupy
-
-
-def _array_kind(a):
-    return "a CuPy array (GPU)" if is_cupy_array(a) else "a NumPy array (CPU)"
 
 
 # --------------------------------------------------------------------------- the layer
@@ -190,14 +113,15 @@ class BatchNorm:
 
     def __init__(self, num_features, *, axis=1, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, activation=None, dtype=np.float32):
-        self._num_features = _check_num_features(num_features)
-        self._axis = _check_axis(axis)
-        self._eps = _check_eps(eps)
-        self._momentum = _check_momentum(momentum)
-        self._affine = _check_bool(affine, "affine")
-        self._track = _check_bool(track_running_stats, "track_running_stats")
-        self._activation = _check_activation(activation)
-        self._dtype = _check_dtype(dtype)
+        self._num_features = V.num_features(num_features)
+        self._axis = V.integer(axis, "axis")
+        self._eps = V.eps(eps)
+        self._momentum = V.momentum(momentum, allow_none=True)
+        self._affine = V.flag(affine, "affine")
+        self._track = V.flag(track_running_stats, "track_running_stats")
+        V.activation(activation)
+        self._activation = activation
+        self._dtype = V.param_dtype(dtype)
         self.training = True
         self._device = "cpu"
         C, dt = self._num_features, self._dtype
@@ -208,7 +132,7 @@ class BatchNorm:
         self._num_batches_tracked = 0 if self._track else None
         self.grad_weight = None
         self.grad_bias = None
-        self._ctx = None
+        self._local = threading.local()
 
     # ----------------------------------------------------------------- options
 
@@ -231,7 +155,7 @@ class BatchNorm:
 
     @axis.setter
     def axis(self, value):
-        self._axis = _check_axis(value)
+        self._axis = V.integer(value, "axis")
 
     @property
     def eps(self):
@@ -239,7 +163,7 @@ class BatchNorm:
 
     @eps.setter
     def eps(self, value):
-        self._eps = _check_eps(value)
+        self._eps = V.eps(value)
 
     @property
     def momentum(self):
@@ -248,7 +172,7 @@ class BatchNorm:
 
     @momentum.setter
     def momentum(self, value):
-        self._momentum = _check_momentum(value)
+        self._momentum = V.momentum(value, allow_none=True)
 
     @property
     def activation(self):
@@ -256,7 +180,8 @@ class BatchNorm:
 
     @activation.setter
     def activation(self, value):
-        self._activation = _check_activation(value)
+        V.activation(value)
+        self._activation = value
 
     # ----------------------------------------------------------------- per-channel state
 
@@ -275,29 +200,15 @@ class BatchNorm:
 
     def _stage_channel(self, name, value):
         """Validate value as the (C,) array `name` and bring it to the layer's device."""
-        if value is None:
-            raise TypeError(f"{name}: expected an array of shape ({self._num_features},), got None")
+        V.required(value, name, self._num_features)
         a = self._to_own_module(name, value)
-        if a.dtype.kind not in "fiu":
-            raise TypeError(f"{name}: expected a real (floating-point) array, got dtype {a.dtype}")
-        if a.shape != (self._num_features,):
-            raise ValueError(
-                f"{name}: expected shape ({self._num_features},) (num_features), got {a.shape}"
-            )
-        return a
+        return V.assigned_channel(a, name, self._num_features)
 
     def _to_own_module(self, name, value):
         gpu = self._device == "gpu"
         if is_cupy_array(value):
-            if gpu:
-                return value
-            return _import_cupy(name).asnumpy(value)
-        try:
-            a = np.asarray(value)
-        except Exception as exc:  # e.g. a CUDA torch tensor
-            raise TypeError(
-                f"{name}: expected a NumPy or CuPy array, got {type(value).__name__} ({exc})"
-            ) from None
+            return value if gpu else _import_cupy(name).asnumpy(value)
+        a = V.numpy_array(value, name)
         return _import_cupy(name).asarray(a) if gpu else a
 
     weight = property(lambda self: self._weight,
@@ -323,31 +234,19 @@ class BatchNorm:
         self._num_batches_tracked = self._stage_count(value)
 
     def _stage_count(self, value):
-        name = "num_batches_tracked"
         if not self._track:
-            raise AttributeError(f"{name}: this layer has none (track_running_stats=False)")
+            raise AttributeError(
+                "num_batches_tracked: this layer has none (track_running_stats=False)"
+            )
         if is_cupy_array(value):
-            value = _import_cupy(name).asnumpy(value)
-        try:
-            a = np.asarray(value)
-        except Exception as exc:
-            raise TypeError(
-                f"{name}: expected an int, got {type(value).__name__} ({exc})"
-            ) from None
-        if a.dtype.kind not in "iu":
-            raise TypeError(f"{name}: expected an integer, got dtype {a.dtype}")
-        if a.shape != ():
-            raise ValueError(f"{name}: expected a scalar (shape ()), got shape {a.shape}")
-        n = int(a)
-        if n < 0:
-            raise ValueError(f"{name}: expected a non-negative int, got {n}")
-        return n
+            value = _import_cupy("num_batches_tracked").asnumpy(value)
+        return V.batches_tracked(value)
 
     # ----------------------------------------------------------------- modes
 
     def train(self, mode=True):
         """Training mode (batch statistics, running statistics updated); returns self."""
-        self.training = _check_bool(mode, "mode")
+        self.training = V.flag(mode, "mode")
         return self
 
     def eval(self):
@@ -356,7 +255,7 @@ class BatchNorm:
 
     def zero_grad(self, set_to_none=True):
         """Reset grad_weight/grad_bias: to None (PyTorch's default) or, in place, to zeros."""
-        if set_to_none:
+        if V.flag(set_to_none, "set_to_none"):
             self.grad_weight = None
             self.grad_bias = None
         else:
@@ -372,78 +271,63 @@ class BatchNorm:
 
     # ----------------------------------------------------------------- forward / backward
 
+    @property
+    def _ctx(self):
+        """The calling thread's last successful forward (None before the first)."""
+        return getattr(self._local, "ctx", None)
+
+    @_ctx.setter
+    def _ctx(self, ctx):
+        self._local.ctx = ctx
+
     def _check_input(self, x):
-        gpu = is_cupy_array(x)
-        if gpu != (self._device == "gpu"):
-            move = ".to('gpu')" if gpu else ".to('cpu')"
-            own = "a CuPy array (GPU)" if self._device == "gpu" else "a NumPy array (CPU)"
-            raise TypeError(
-                f"x: expected {own} "
-                f"like the layer's parameters, got {_array_kind(x)} "
-                f"(move the input, or the layer with {move})"
-            )
-        if not gpu and not isinstance(x, np.ndarray):
-            if hasattr(x, "__cuda_array_interface__"):
-                raise TypeError(
-                    f"x: expected a NumPy array like the layer's parameters, got "
-                    f"{type(x).__module__}.{type(x).__name__}"
-                )
-            x = np.asarray(x)
-        if x.dtype.kind != "f":
-            raise TypeError(
-                f"x: expected a floating-point array (float16, float32 or float64), "
-                f"got dtype {x.dtype}"
-            )
-        if x.dtype != self._dtype and x.dtype != np.float16:
-            raise TypeError(
-                f"x: expected dtype {self._dtype} (the layer's dtype) or float16, got {x.dtype} "
-                f"(convert x, or create the layer with dtype={x.dtype})"
-            )
-        if x.ndim < 2:
-            raise ValueError(
-                f"x: expected an array with at least 2 dimensions (batch and features), "
-                f"got shape {x.shape}"
-            )
-        if not -x.ndim <= self._axis < x.ndim:
-            raise ValueError(
-                f"axis: expected an int in [{-x.ndim}, {x.ndim - 1}] for x of shape {x.shape}, "
-                f"got {self._axis}"
-            )
-        if x.shape[self._axis] != self._num_features:
-            raise ValueError(
-                f"x: expected {self._num_features} features (num_features) on axis {self._axis}, "
-                f"got shape {x.shape}"
-            )
-        return x
+        V.layer_device(x, self._device)
+        x = self._to_own_module("x", x)
+        return V.layer_input(x, self._dtype, self._num_features, self._axis)
 
     def forward(self, x):
         """Normalise x; in training mode also update the running statistics.
 
         Training mode, or ``track_running_stats=False``: batch statistics. Eval mode with
-        running statistics: those. Returns y with x's shape and dtype.
+        running statistics: those. Returns y with x's shape and dtype. An empty batch (no value
+        per channel) returns an empty y and, in training, counts in ``num_batches_tracked``
+        but leaves the running statistics as they are (PyTorch's behaviour).
         """
-        x = self._check_input(x)
         w, b = self._weight, self._bias
         batch_stats = self.training or not self._track
         if batch_stats:
-            # Raises (one value per channel, ...) before any state below is touched.
-            y, mean, invstd, var, count = forward_with_stats(
-                x, w, b, axis=self._axis, eps=self._eps, activation=self._activation
-            )
+            # Raises (bad x, one value per channel, ...) before any state below is touched.
+            x, y, mean, invstd, var, count = self._batch_forward(x)
         else:
+            x = self._check_input(x)
             mean = self._running_mean.astype(np.float64)
             invstd = invstd_from_var(self._running_var, self._eps)
+            var = count = None
             y = normalize(x, mean, invstd, w, b, axis=self._axis, activation=self._activation)
         if self.training and self._track:
-            n_batches = self._num_batches_tracked + 1
-            factor = 1.0 / n_batches if self._momentum is None else self._momentum
-            update_running_stats(self._running_mean, self._running_var, mean, var, count, factor)
-            self._num_batches_tracked = n_batches
+            self._update_running(mean, var, count)
         self._ctx = _Context(
             x, y if self._activation == "relu" else None, mean, invstd,
-            None if w is None else w.copy(), batch_stats, self._axis, self._activation,
+            None if w is None else w.copy(), batch_stats, self._axis, self._activation, count,
         )
         return y
+
+    def _batch_forward(self, x):
+        """(x checked, y, mean, invstd, var, count) with this batch's statistics.
+
+        The one thing SyncBatchNorm overrides: its statistics are the whole batch's, across
+        processes."""
+        x = self._check_input(x)
+        return (x,) + forward_with_stats(x, self._weight, self._bias, axis=self._axis,
+                                         eps=self._eps, activation=self._activation)
+
+    def _update_running(self, mean, var, count):
+        """PyTorch's running-statistics policy for one training batch of `count` values."""
+        n_batches = self._num_batches_tracked + 1
+        if count > 0:  # an empty batch is counted but moves nothing
+            factor = 1.0 / n_batches if self._momentum is None else self._momentum
+            update_running_stats(self._running_mean, self._running_var, mean, var, count, factor)
+        self._num_batches_tracked = n_batches
 
     __call__ = forward
 
@@ -461,10 +345,7 @@ class BatchNorm:
                 "BatchNorm.backward: no forward to differentiate; call the layer on an input "
                 "first (pickling, deepcopy and .to() drop the cached forward)"
             )
-        if is_cupy_array(dy) != is_cupy_array(ctx.x):
-            raise TypeError(
-                f"dy: expected {_array_kind(ctx.x)} like the forward's input, got {_array_kind(dy)}"
-            )
+        V.same_device(dy, "dy", ctx.x, "the forward's input")
         dx, dweight, dbias = batch_norm_backward(
             dy, ctx.x, ctx.mean, ctx.invstd, ctx.weight, axis=ctx.axis, training=ctx.training,
             activation=ctx.activation, y=ctx.y,
@@ -515,10 +396,8 @@ class BatchNorm:
         unexpected_keys)``. Shapes and dtypes are always checked. Everything is validated
         before anything is assigned: a failed call changes nothing.
         """
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(
-                f"state_dict: expected a mapping (dict) of arrays, got {type(state_dict).__name__}"
-            )
+        V.state_mapping(state_dict)
+        strict = V.flag(strict, "strict")
         expected = self._state_keys()
         missing = [k for k in expected if k not in state_dict]
         unexpected = [k for k in state_dict if k not in expected]
@@ -544,11 +423,12 @@ class BatchNorm:
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_ctx"] = None  # the cached input is activation memory, not layer state
+        del state["_local"]  # the cached forwards are activation memory, not layer state
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self._local = threading.local()
 
     # ----------------------------------------------------------------- device
 
@@ -558,7 +438,7 @@ class BatchNorm:
         Returns self. 'gpu' needs CuPy (ImportError otherwise). A move drops the forward cache.
         Nothing changes if any transfer fails.
         """
-        target = _check_device(device)
+        target = V.device(device)
         if target == self._device:
             return self
         cupy = _import_cupy(f"BatchNorm.to({device!r})")
@@ -568,7 +448,7 @@ class BatchNorm:
         for n, a in moved.items():
             setattr(self, n, a)
         self._device = target
-        self._ctx = None
+        self._local = threading.local()
         return self
 
     def __repr__(self):

@@ -1,0 +1,136 @@
+"""The CPU backend: fastbn's verbs on NumPy arrays, run by the Cython/OpenMP kernels.
+
+``fastbn.functional`` validates every argument (``_validation``) and maps x onto the canonical
+(outer, C, inner) view (``_layout``) before it calls a verb here; the verbs only hand plain
+arrays to ``_kernels``. The CUDA backend (``fastbn.cuda.backend``) has the same verbs.
+
+Per-channel arrays reach the verbs as validated NumPy arrays of any float dtype (or None where
+optional); ``chan`` makes them what the kernels read. Statistics and sums come back as float64
+(C,) arrays.
+"""
+import numpy as np
+
+from . import _kernels
+from ._threads import get_num_threads
+
+name = "numpy"
+xp = np
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+
+
+def compute_dtype(dtype):
+    """The dtype the kernels compute x in: float16 is computed in float32."""
+    return _F32 if dtype.char == "e" else dtype
+
+
+def kernel_ready(a):
+    """An array the kernels can read or write in place: exact, C-contiguous, native, aligned,
+    float32/float64."""
+    return (type(a) is np.ndarray and a.flags.c_contiguous and a.flags.aligned
+            and a.dtype in (_F32, _F64))
+
+
+def kernel_writable(a):
+    return a.dtype.isnative and a.flags.aligned
+
+
+def same_view(a, b):
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.strides == b.strides)
+
+
+def chan(a):
+    """A per-channel argument for the kernels: contiguous float32/float64 as is (the kernels
+    read both), anything else converted to float64; None stays None."""
+    if a is None or kernel_ready(a):
+        return a
+    return np.ascontiguousarray(a, dtype=_F64)
+
+
+def zeros(C):
+    return np.zeros(C)
+
+
+def invstd(var, eps):
+    """1/sqrt(var + eps), 0 where var + eps == 0, in float64 (var: a validated (C,) array).
+
+    The NumPy formula that ``_kernels.invstd_fast`` reproduces value for value."""
+    v = np.asarray(var, dtype=np.float64) + eps
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = 1.0 / np.sqrt(v)
+    inv[v == 0] = 0.0
+    return inv
+
+
+def stats(x3):
+    """Per-channel (mean, M2) of a canonical x3 with at least one value per channel."""
+    O, C, I = x3.shape
+    out = np.empty(2 * C)
+    _kernels.channel_stats(x3, O, C, I, out, get_num_threads())
+    return out[:C], out[C:]
+
+
+def forward_train(x3, y3, weight, bias, eps, relu):
+    """y3 = batch-normalised x3; returns (mean, var (biased), invstd)."""
+    O, C, I = x3.shape
+    s = np.empty(3 * C)
+    _kernels.forward_train(x3, y3, O, C, I, chan(weight), chan(bias), eps, relu, s,
+                           get_num_threads())
+    return s[:C], s[C:2 * C], s[2 * C:]
+
+
+def normalize(x3, y3, mean, invstd, weight, bias, relu):
+    O, C, I = x3.shape
+    _kernels.normalize(x3, y3, O, C, I, chan(mean), chan(invstd), chan(weight), chan(bias), relu,
+                       get_num_threads())
+
+
+def normalize_running(x3, y3, running_mean, running_var, eps, weight, bias, relu):
+    O, C, I = x3.shape
+    _kernels.normalize_running(x3, y3, O, C, I, chan(running_mean), chan(running_var), eps,
+                               chan(weight), chan(bias), relu, get_num_threads())
+
+
+def backward_sums(dy3, x3, y3, mean):
+    """Per channel (sum(g), sum(g * (x - mean))), g = dy3 masked by y3 > 0 when y3 is given."""
+    O, C, I = x3.shape
+    sums = np.empty(2 * C)
+    _kernels.backward_sums(dy3, x3, y3, O, C, I, chan(mean), sums, get_num_threads())
+    return sums[:C], sums[C:]
+
+
+def backward_dx(dy3, x3, y3, dx3, mean, invstd, weight, sum_dy, sum_dy_xmu, count, training):
+    O, C, I = x3.shape
+    _kernels.backward_dx(dy3, x3, y3, dx3, O, C, I, chan(mean), chan(invstd), chan(weight),
+                         chan(sum_dy), chan(sum_dy_xmu), count, training, get_num_threads())
+
+
+def backward(dy3, x3, y3, dx3, mean, invstd, weight, training):
+    """dx3 of this batch; returns (dweight, dbias) in x3's dtype."""
+    O, C, I = x3.shape
+    sums = np.empty(2 * C)
+    inv = chan(invstd)
+    _kernels.backward(dy3, x3, y3, dx3, O, C, I, chan(mean), inv, chan(weight), training, sums,
+                      get_num_threads())
+    return ((sums[C:] * inv).astype(x3.dtype, copy=False),
+            sums[:C].astype(x3.dtype, copy=False))
+
+
+def update_running(running_mean, running_var, mean, var, count, momentum):
+    """PyTorch's update in place, every argument validated (count >= 1, momentum in [0, 1]).
+
+    Buffers the kernels can write are updated there (in double, rounded once); others (float16,
+    strided, another byte order) by NumPy, computing both new values before writing either.
+    """
+    if all(r is None or kernel_ready(r) for r in (running_mean, running_var)):
+        _kernels.update_running(running_mean, running_var, chan(mean), chan(var), count,
+                                momentum)
+        return
+    unbiased = np.asarray(var, np.float64) * (count / (count - 1) if count > 1 else 1.0)
+    new = [None if run is None else
+           (1.0 - momentum) * run.astype(np.float64) + momentum * np.asarray(batch, np.float64)
+           for run, batch in ((running_mean, mean), (running_var, unbiased))]
+    for run, value in zip((running_mean, running_var), new):
+        if run is not None:
+            run[...] = value

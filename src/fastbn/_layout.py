@@ -1,0 +1,119 @@
+"""The canonical (outer, C, inner) view of x and where a result is written, for any backend.
+
+A backend's kernels work on C-contiguous (outer, C, inner) arrays. ``Layout`` maps x onto that
+view once per call: a C-contiguous x is used as is; an x that is C-contiguous after ordering its
+axes by decreasing stride (Fortran order, PyTorch's channels_last strides, transposes) is used
+through that permutation, without a copy; any other layout (slices with gaps, negative strides,
+broadcast views) is copied once into C order. ``Output`` allocates results in x's own layout,
+so ``y.strides`` follow ``x.strides``, and writes into a caller's ``out=`` directly when that is
+safe, or through a temporary.
+
+Both work for NumPy and CuPy arrays alike: they only use what the two modules share.
+"""
+import math
+
+import numpy as np
+
+
+class Layout:
+    """How x maps onto the kernels' canonical (outer, C, inner) C-contiguous order."""
+
+    __slots__ = ("xp", "perm", "inv", "shape", "O", "C", "I")
+
+    def __init__(self, xp, x, ax):
+        perm = None
+        shape = x.shape
+        p = ax
+        if not x.flags.c_contiguous:
+            order = sorted(range(x.ndim), key=lambda i: -abs(x.strides[i]))
+            if x.transpose(order).flags.c_contiguous:
+                perm = tuple(order)
+                shape = tuple(x.shape[i] for i in perm)
+                p = perm.index(ax)
+        self.xp = xp
+        self.perm = perm
+        self.inv = None if perm is None else tuple(int(i) for i in np.argsort(perm))
+        self.shape = shape
+        self.O = math.prod(shape[:p])
+        self.C = shape[p]
+        self.I = math.prod(shape[p + 1:])
+
+    @property
+    def count(self):
+        """Values per channel: outer * inner."""
+        return self.O * self.I
+
+    @property
+    def shape3(self):
+        return (self.O, self.C, self.I)
+
+    def _permuted(self, a):
+        return a if self.perm is None else a.transpose(self.perm)
+
+    def canon(self, a, dtype=None):
+        """a (shaped like x) as a C-contiguous (O, C, I) array of `dtype`: a view if one exists."""
+        t = self._permuted(a)
+        if not t.flags.c_contiguous or (dtype is not None and t.dtype != dtype):
+            t = self.xp.ascontiguousarray(t, dtype=dtype)
+        return t.reshape(self.shape3)
+
+    def direct(self, a):
+        """a's canonical (O, C, I) view if it exists without a copy, else None."""
+        t = self._permuted(a)
+        return t.reshape(self.shape3) if t.flags.c_contiguous else None
+
+    def empty(self, dtype):
+        """A new array shaped like x, in x's layout: (the array, its canonical view)."""
+        t = self.xp.empty(self.shape, dtype)
+        user = t if self.perm is None else t.transpose(self.inv)
+        return user, t.reshape(self.shape3)
+
+    def to_user(self, t3):
+        """A canonical (O, C, I) array viewed with x's shape and axis order."""
+        t = t3.reshape(self.shape)
+        return t if self.perm is None else t.transpose(self.inv)
+
+
+class Output:
+    """Where a kernel writes its result: the caller's out, a new array, or a temporary.
+
+    ``target`` is the canonical (O, C, I) array the kernel writes, of the backend's compute
+    dtype; ``finish()`` returns the user's array, copying (and casting) from a temporary when one
+    was needed (float16 computed in float32, an out= in another layout, of another byte order,
+    or overlapping an input other than exactly).
+    """
+
+    __slots__ = ("result", "target", "_final", "_layout")
+
+    def __init__(self, backend, layout, x, out, inputs):
+        cdt = backend.compute_dtype(x.dtype)
+        self._layout = layout
+        self._final = None
+        if out is None:
+            self.result, self.target = layout.empty(x.dtype)
+            if cdt != x.dtype:
+                self._final = self.result
+                self.target = layout.xp.empty(layout.shape3, cdt)
+            return
+        self.result = out
+        direct = None
+        if cdt == out.dtype and backend.kernel_writable(out):
+            direct = layout.direct(out)
+        if direct is not None:
+            # Writing straight into out is safe when it is exactly one of the inputs (the
+            # kernels are elementwise in their last pass) or overlaps none of them.
+            for a in inputs:
+                if (a is not None and layout.xp.may_share_memory(out, a)
+                        and not backend.same_view(out, a)):
+                    direct = None
+                    break
+        if direct is not None:
+            self.target = direct
+        else:
+            self._final = out
+            self.target = layout.xp.empty(layout.shape3, cdt)
+
+    def finish(self):
+        if self._final is not None:
+            self._layout.xp.copyto(self._final, self._layout.to_user(self.target))
+        return self.result

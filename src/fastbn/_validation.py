@@ -1,0 +1,414 @@
+"""Every argument rule of fastbn and its message, in one place.
+
+The functional API, the layer, SyncBatchNorm, the CUDA backend and the analysis helpers all
+call these functions; nothing else decides whether an argument is acceptable (the one-call fast
+paths in ``_kernels`` only decide whether a call is *plain* enough to skip the general path, and
+get their scalars from here). Each rule raises TypeError (wrong kind of object or dtype) or
+ValueError (wrong shape or value) with a message that names the argument, what was expected and
+what was received.
+
+Arrays are converted here too, because what may be converted is itself a rule: array-likes
+(lists, objects with ``__array__`` or ``__dlpack__``, torch tensors, including ones that require
+grad) are read without copying where the memory allows; masked arrays are refused rather than
+having their mask ignored; non-native byte order and misaligned memory are copied into native,
+aligned arrays so that no kernel ever reads them as garbage. Arrays fastbn writes (``out=``,
+running statistics) are never converted: they must be writable arrays of the caller's module.
+"""
+import math
+import numbers
+import operator
+
+import numpy as np
+
+from ._backend import is_cupy_array
+
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+PARAM_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+MIXED = "(pass every array argument from the same array module)"
+_DEVICES = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu"}
+
+
+def _kind(value):
+    t = type(value)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__name__}"
+
+
+# --------------------------------------------------------------------------- scalars
+
+def _real(value, name, expected):
+    """value as a Python float if it is a real number (not a bool, str or array)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected {expected}, got {_kind(value)}")
+    return float(value)
+
+
+def eps(value, name="eps"):
+    """A finite float >= 0 (bool and str are refused, not converted)."""
+    if type(value) is float and 0.0 <= value < math.inf:
+        return value
+    v = _real(value, name, "a finite non-negative float")
+    if not (v >= 0.0 and math.isfinite(v)):
+        raise ValueError(f"{name}: expected a finite non-negative float, got {v}")
+    return v
+
+
+def momentum(value, *, allow_none=False):
+    """A float in [0, 1]; None too when ``allow_none`` (the layer's cumulative average)."""
+    if type(value) is float and 0.0 <= value <= 1.0:
+        return value
+    hint = " or None (cumulative average)" if allow_none else ""
+    if value is None and allow_none:
+        return None
+    v = _real(value, "momentum", f"a float in [0, 1]{hint}")
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"momentum: expected a float in [0, 1]{hint}, got {v}")
+    return v
+
+
+def flag(value, name):
+    """A bool (numpy.bool_ too); strings, ints and None are refused."""
+    if value is True or value is False:
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    raise TypeError(f"{name}: expected a bool, got {_kind(value)}")
+
+
+def integer(value, name, expected="an int"):
+    """An int (numpy integers and objects with __index__ too), never a bool."""
+    if type(value) is int:
+        return value
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected {expected}, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected {expected}, got {_kind(value)}") from None
+
+
+def num_features(value):
+    n = integer(value, "num_features", "a positive int")
+    if n < 1:
+        raise ValueError(f"num_features: expected a positive int, got {n}")
+    return n
+
+
+def count(value, name="count"):
+    """A number of values: a finite real >= 0 (int or float; bool and str refused)."""
+    v = _real(value, name, "a finite non-negative number of values")
+    if not (v >= 0.0 and math.isfinite(v)):
+        raise ValueError(f"{name}: expected a finite non-negative number of values, got {v}")
+    return v
+
+
+def timeout(value):
+    """Seconds to wait (SyncBatchNorm): a positive number, or None for ever."""
+    if value is None:
+        return None
+    v = _real(value, "timeout", "a positive number of seconds or None")
+    if not v > 0:
+        raise ValueError(f"timeout: expected a positive number of seconds or None, got {v}")
+    return v
+
+
+def activation(value):
+    """True for "relu", False for None."""
+    if value is None:
+        return False
+    if type(value) is str and value == "relu":
+        return True
+    raise ValueError(f"activation: expected None or 'relu', got {value!r}")
+
+
+def param_dtype(dtype):
+    """The dtype of a layer's parameters: float32 or float64."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype: expected float32 or float64, got {dtype!r}") from None
+    if dt not in PARAM_DTYPES:
+        hint = (
+            " (for float16 inputs keep float32 parameters: the layer computes them in float32 "
+            "and returns float16)" if dt == np.float16 else ""
+        )
+        raise TypeError(f"dtype: expected float32 or float64, got {dt}{hint}")
+    return dt
+
+
+def device(value):
+    key = value.lower() if isinstance(value, str) else None
+    if key not in _DEVICES:
+        raise ValueError(f"device: expected 'cpu' or 'gpu' (alias 'cuda'), got {value!r}")
+    return _DEVICES[key]
+
+
+def axis(value, ndim, shape):
+    """An int in [-ndim, ndim); returns it normalised to [0, ndim)."""
+    ax = integer(value, "axis")
+    if not -ndim <= ax < ndim:
+        raise ValueError(
+            f"axis: expected an int in [{-ndim}, {ndim - 1}] for x of shape {shape}, got {ax}"
+        )
+    return ax % ndim
+
+
+# --------------------------------------------------------------------------- array conversion
+
+def _torch_readable(a, name):
+    """A torch tensor as something NumPy can read without a copy (detached: read, never written)."""
+    if getattr(a, "requires_grad", False):
+        a = a.detach()
+    dev = getattr(getattr(a, "device", None), "type", "cpu")
+    if dev != "cpu":
+        raise TypeError(
+            f"{name}: expected a CPU array, got a torch.Tensor on device {dev!r} (move it with "
+            ".cpu(), or pass a CuPy array for the GPU path)"
+        )
+    return a
+
+
+def numpy_array(a, name):
+    """An array-like as a native-order, aligned NumPy ndarray (a view when possible)."""
+    if type(a) is not np.ndarray:
+        if isinstance(a, np.ma.MaskedArray):
+            raise TypeError(
+                f"{name}: expected an array without a mask, got a numpy.ma.MaskedArray (its mask "
+                "would be ignored; pass a.filled(value) or a.compressed() as you intend)"
+            )
+        if a is None:
+            raise TypeError(f"{name}: expected an array, got None")
+        if hasattr(a, "__cuda_array_interface__") or is_cupy_array(a):
+            raise TypeError(f"{name}: expected a NumPy array, got {_kind(a)} {MIXED}")
+        if type(a).__module__.split(".", 1)[0] == "torch":
+            a = _torch_readable(a, name)
+        if isinstance(a, np.ndarray):  # a subclass (np.matrix, memmap, ...): its data as is
+            a = a.view(np.ndarray)
+        else:
+            try:
+                if hasattr(a, "__dlpack__") and not hasattr(a, "__array__") \
+                        and not hasattr(a, "__array_interface__"):
+                    a = np.from_dlpack(a)
+                else:
+                    a = np.asarray(a)
+            except (TypeError, ValueError, BufferError, RuntimeError) as exc:
+                raise ValueError(
+                    f"{name}: expected an array or a (rectangular) nested sequence of numbers, "
+                    f"got {_kind(a)} that NumPy cannot convert ({exc})"
+                ) from None
+    if not (a.dtype.isnative and a.flags.aligned):
+        a = np.array(a, dtype=a.dtype.newbyteorder("="), order="K")
+    return a
+
+
+def cupy_array(cp, a, name):
+    """An array-like as a CuPy ndarray on the current device; NumPy arrays are refused."""
+    if isinstance(a, cp.ndarray):
+        return a
+    if a is None:
+        raise TypeError(f"{name}: expected an array, got None")
+    if isinstance(a, np.ndarray):
+        raise TypeError(f"{name}: expected a CuPy array like x, got numpy.ndarray {MIXED}")
+    try:
+        return cp.asarray(a)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{name}: expected a CuPy array or a nested sequence of numbers, got {_kind(a)} "
+            f"({exc})"
+        ) from None
+
+
+def writable(a, name, module):
+    """An array fastbn writes into: an ndarray of `module` (numpy or cupy), writable, no mask."""
+    if module is np:
+        if isinstance(a, np.ma.MaskedArray):
+            raise TypeError(f"{name}: expected a writable NumPy array without a mask, got a "
+                            "numpy.ma.MaskedArray")
+        if not isinstance(a, np.ndarray):
+            what = MIXED if is_cupy_array(a) else "(fastbn writes into it)"
+            raise TypeError(f"{name}: expected a writable NumPy array, got {_kind(a)} {what}")
+        if not a.flags.writeable:
+            raise ValueError(f"{name}: expected a writable array, got a read-only one")
+    elif not isinstance(a, module.ndarray):
+        what = MIXED if isinstance(a, np.ndarray) else "(fastbn writes into it)"
+        raise TypeError(f"{name}: expected a writable CuPy array, got {_kind(a)} {what}")
+    return a
+
+
+# --------------------------------------------------------------------------- array rules
+
+def floating(a, name):
+    # byte order aside: arrays fastbn writes are checked as given, never converted
+    if a.dtype not in FLOAT_DTYPES and a.dtype.newbyteorder("=") not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name}: expected a floating-point array (float16, float32 or float64), "
+            f"got dtype {a.dtype}"
+        )
+    return a
+
+
+def batch(a):
+    """x has a batch and a feature axis."""
+    if a.ndim < 2:
+        raise ValueError(
+            f"x: expected an array with at least 2 dimensions (batch and features), "
+            f"got shape {a.shape}"
+        )
+    return a
+
+
+def channel(a, name, C):
+    """A per-channel array: floating, shape (C,)."""
+    floating(a, name)
+    if a.shape != (C,):
+        raise ValueError(f"{name}: expected shape ({C},) (one value per channel), got {a.shape}")
+    return a
+
+
+def vector(a, name):
+    """A 1-D per-channel array on its own (no x to take C from); returns its length."""
+    floating(a, name)
+    if a.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D array (one value per channel), got shape "
+                         f"{a.shape}")
+    return a.shape[0]
+
+
+def like(a, name, x):
+    """An array that must match x in shape and dtype (dy, y, out)."""
+    if a.shape != x.shape:
+        raise ValueError(f"{name}: expected shape {x.shape} (the shape of x), got {a.shape}")
+    if a.dtype.newbyteorder("=") != x.dtype:
+        raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {a.dtype}")
+    return a
+
+
+def required(a, name, C):
+    if a is None:
+        raise TypeError(f"{name}: expected an array of shape ({C},), got None")
+    return a
+
+
+def relu_y_missing():
+    return ValueError("y: expected the forward's output when activation='relu', got None")
+
+
+def training_count(n, shape):
+    """Training needs more than one value per channel (as PyTorch); an empty batch is allowed."""
+    if n == 1:
+        raise ValueError(
+            f"x: expected more than 1 value per channel when training, got input shape "
+            f"{shape} (1 value per channel)"
+        )
+    return n
+
+
+def dx_count(n, batch_values, training):
+    """backward_dx's count: the values the sums were taken over, > 0 for a non-empty batch."""
+    n = count(n)
+    if training and batch_values > 0 and n == 0:
+        raise ValueError("count: expected a positive number of values for a non-empty batch "
+                         "when training, got 0.0")
+    return n
+
+
+def update_count(n):
+    """update_running_stats's count: at least one value (an empty batch updates nothing)."""
+    n = count(n)
+    if n < 1:
+        raise ValueError(f"count: expected at least 1 value per channel, got {n}")
+    return n
+
+
+def both_running(running_mean, running_var):
+    if running_mean is None or running_var is None:
+        raise ValueError(
+            "running_mean, running_var: expected both arrays when training=False, got "
+            f"{type(running_mean).__name__} and {type(running_var).__name__}"
+        )
+
+
+# --------------------------------------------------------------------------- the layer
+
+def layer_device(x, device):
+    """x is an array of the layer's device: 'cpu' (NumPy) or 'gpu' (CuPy)."""
+    gpu = is_cupy_array(x)
+    if gpu != (device == "gpu"):
+        move = ".to('gpu')" if gpu else ".to('cpu')"
+        own = "a CuPy array (GPU)" if device == "gpu" else "a NumPy array (CPU)"
+        got = "a CuPy array (GPU)" if gpu else f"{_kind(x)} (CPU)"
+        raise TypeError(
+            f"x: expected {own} like the layer's parameters, got {got} "
+            f"(move the input, or the layer with {move})"
+        )
+
+
+def same_device(a, name, ref, what):
+    if is_cupy_array(a) != is_cupy_array(ref):
+        kinds = ("a NumPy array (CPU)", "a CuPy array (GPU)")
+        raise TypeError(f"{name}: expected {kinds[is_cupy_array(ref)]} like {what}, got "
+                        f"{kinds[is_cupy_array(a)]}")
+
+
+def assigned_channel(a, name, C):
+    """A value assigned to a layer's (C,) array: real (integers too), shape (C,)."""
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"{name}: expected a real (floating-point) array, got dtype {a.dtype}")
+    if a.shape != (C,):
+        raise ValueError(f"{name}: expected shape ({C},) (num_features), got {a.shape}")
+    return a
+
+
+def batches_tracked(value):
+    """num_batches_tracked: a non-negative integer scalar (0-d arrays too)."""
+    name = "num_batches_tracked"
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected an int, got bool")
+    a = numpy_array(value, name)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected an integer, got dtype {a.dtype}")
+    if a.shape != ():
+        raise ValueError(f"{name}: expected a scalar (shape ()), got shape {a.shape}")
+    n = int(a)
+    if n < 0:
+        raise ValueError(f"{name}: expected a non-negative int, got {n}")
+    return n
+
+
+def state_mapping(state_dict):
+    from collections.abc import Mapping
+
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"state_dict: expected a mapping (dict) of arrays, got {_kind(state_dict)}"
+        )
+    return state_dict
+
+
+def layer_input(x, dtype, num_features, ax):
+    """x for a BatchNorm of `dtype` and `num_features` features on axis `ax` (x converted)."""
+    if x.dtype.kind != "f":
+        floating(x, "x")
+    if x.dtype != dtype and x.dtype != np.float16:
+        raise TypeError(
+            f"x: expected dtype {dtype} (the layer's dtype) or float16, got {x.dtype} "
+            f"(convert x, or create the layer with dtype={x.dtype})"
+        )
+    batch(x)
+    a = axis(ax, x.ndim, x.shape)
+    if x.shape[a] != num_features:
+        raise ValueError(
+            f"x: expected {num_features} features (num_features) on axis {ax}, "
+            f"got shape {x.shape}"
+        )
+    return x
+
+
+def real_array(a, name, dtype, ndim=None):
+    """An analysis input: a real (integer or floating) array, converted to `dtype`."""
+    arr = numpy_array(a, name)
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name}: expected a real (integer or floating) array, got dtype "
+                        f"{arr.dtype}")
+    if ndim is not None and arr.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D array, got shape {arr.shape}")
+    return arr.astype(dtype, copy=False)
