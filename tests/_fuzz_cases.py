@@ -157,6 +157,10 @@ def perturb_array(rng, slots, name, role, ctx):
     if kind == "bigendian":
         a.form = "bigendian"
         return f"{name}:bigendian", "either", [name], None
+    if kind in ("list", "tuple") and 0 in shape[:-1]:
+        kind = "bigendian"  # nested lists cannot hold a zero extent before the last axis
+        a.form = kind
+        return f"{name}:{kind}", "either", [name], None
     if kind in ("list", "tuple"):
         a.form = kind
         if writes:
@@ -340,7 +344,7 @@ def bshape(ndim, ax, C):
 
 def ref_stats(x, ax):
     axes = red_axes(x.ndim, ax)
-    n = x.size // x.shape[ax] if x.shape[ax] else 0
+    n = math.prod(x.shape[:ax] + x.shape[ax + 1:])  # values per channel, whatever C is
     with np.errstate(all="ignore"):
         mean = x.mean(axis=axes) if n else np.zeros(x.shape[ax])
         var = ((x - mean.reshape(bshape(x.ndim, ax, -1))) ** 2).mean(axis=axes) if n else np.zeros(x.shape[ax])
@@ -529,7 +533,7 @@ def make_problem(rng, force_valid_n=False):
         shape[k] = 2
     dtype = [F16, F32, F64][int(rng.integers(3))]
     return dict(shape=tuple(shape), ax=ax, ndim=ndim, C=shape[ax], dtype=dtype, mode=mode,
-                n=math.prod(shape) // shape[ax] if shape[ax] else 0)
+                n=math.prod(shape[:ax] + shape[ax + 1:]))
 
 
 def x_values(rng, shape):
@@ -619,7 +623,7 @@ def build_functional(target, rng):
     ctx = {"required": set(required), "scalar_tags": {}, "problem": pb,
            "writes_running": target == "update_running_stats" or (target == "batch_norm" and training),
            "uses_momentum": target == "update_running_stats" or (target == "batch_norm" and training),
-           "count_must_be_positive": target == "update_running_stats" or (pb["n"] > 0 and training),
+           "count_must_be_positive": target == "update_running_stats" or (pb["n"] > 0 and pb["C"] > 0 and training),
            "shape_peers": {}, "any_shape": target == "invstd_from_var",
            "count_ambiguous": target == "update_running_stats",
            "x_peers": [nm for nm, r in arrays if r in ("xlike", "out")]}
@@ -739,7 +743,7 @@ def expected_functional(target, before, args, pb):
     if x is not None:
         ax = scalar_value(args.get("axis", 1), "axis") % x.ndim
         C = x.shape[ax]
-        n = x.size // C if C else 0
+        n = math.prod(x.shape[:ax] + x.shape[ax + 1:])  # values per channel, whatever C is
         chan_nf = None
         if C:
             nf = ~np.isfinite(x)

@@ -48,6 +48,10 @@ def chan(a):
     return np.ascontiguousarray(a, dtype=_F64)
 
 
+def _f64(a):
+    return np.ascontiguousarray(a, dtype=_F64)
+
+
 def zeros(C):
     return np.zeros(C)
 
@@ -124,7 +128,7 @@ def update_running(running_mean, running_var, mean, var, count, momentum):
     strided, another byte order) by NumPy, computing both new values before writing either.
     """
     if all(r is None or kernel_ready(r) for r in (running_mean, running_var)):
-        _kernels.update_running(running_mean, running_var, chan(mean), chan(var), count,
+        _kernels.update_running(running_mean, running_var, _f64(mean), _f64(var), count,
                                 momentum)
         return
     unbiased = np.asarray(var, np.float64) * (count / (count - 1) if count > 1 else 1.0)

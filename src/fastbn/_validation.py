@@ -403,12 +403,42 @@ def layer_input(x, dtype, num_features, ax):
     return x
 
 
+# --------------------------------------------------------------------------- fastbn.analysis
+
 def real_array(a, name, dtype, ndim=None):
     """An analysis input: a real (integer or floating) array, converted to `dtype`."""
+    if hasattr(a, "__cuda_array_interface__") or is_cupy_array(a):
+        raise TypeError(f"{name}: expected a NumPy array (fastbn.analysis is CPU-only), got "
+                        f"{_kind(a)}")
     arr = numpy_array(a, name)
     if arr.dtype.kind not in "fiu":
-        raise TypeError(f"{name}: expected a real (integer or floating) array, got dtype "
-                        f"{arr.dtype}")
+        raise TypeError(f"{name}: expected a real numeric array (integer or floating point), "
+                        f"got dtype {arr.dtype}")
     if ndim is not None and arr.ndim != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D array, got shape {arr.shape}")
     return arr.astype(dtype, copy=False)
+
+
+def int_at_least(value, name, minimum=1):
+    n = integer(value, name, f"an int >= {minimum}")
+    if n < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {n}")
+    return n
+
+
+def real_where(value, name, expected, ok):
+    """A finite real number for which ok(v) holds; `expected` describes it for the message."""
+    v = _real(value, name, expected)
+    if not (math.isfinite(v) and ok(v)):
+        raise ValueError(f"{name}: expected {expected}, got {value}")
+    return v
+
+
+def float_batch(x, features, name="x"):
+    """A 2-D floating (n, features) array; lists are converted."""
+    x = numpy_array(x, name)
+    if x.dtype.kind != "f":
+        raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
+    if x.ndim != 2 or x.shape[1] != features:
+        raise ValueError(f"{name}: expected shape (n, {features}), got {x.shape}")
+    return x

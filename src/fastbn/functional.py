@@ -194,7 +194,7 @@ def backward_dx(dy, x, mean, invstd, sum_dy, sum_dy_xmu, count, weight=None, *, 
     sum_dy_xmu = _required(be, sum_dy_xmu, "sum_dy_xmu", C)
     weight = _chan(be, weight, "weight", C)
     training = V.flag(training, "training")
-    count = V.dx_count(count, layout.count, training)
+    count = V.dx_count(count, x.size, training)
     y = _relu_y(be, y, x, V.activation(activation))
     dest = Output(be, layout, x, None, ())
     if not _empty(layout):

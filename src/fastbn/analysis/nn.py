@@ -24,6 +24,8 @@ import numbers
 
 import numpy as np
 
+from .. import _validation
+
 __all__ = [
     "Layer",
     "Linear",
@@ -43,7 +45,6 @@ __all__ = [
     "NOISY_BN_RANGES",
 ]
 
-_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 # The "noisy BN" distribution of the issue (Santurkar et al., Sec. 2.1): per step and layer
 # mu_t ~ U(-0.5, 0.5), sigma_t ~ U(1, 1.25); per unit m ~ U(mu_t - 0.1, mu_t + 0.1) and
@@ -58,43 +59,10 @@ NOISY_BN_RANGES = {
 
 # --------------------------------------------------------------------------- validation
 
-def _check_dtype(dtype):
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"dtype: expected float32 or float64, got {dtype!r}") from None
-    if dt not in _DTYPES:
-        raise TypeError(f"dtype: expected float32 or float64, got {dt}")
-    return dt
-
-
-def _check_count(value, name, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int >= {minimum}, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_real(value, name, expected, ok):
-    """A finite real number for which ok(v) holds; `expected` describes it for the message."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
-    v = float(value)
-    if not (math.isfinite(v) and ok(v)):
-        raise ValueError(f"{name}: expected {expected}, got {value}")
-    return v
-
-
-def _check_batch(x, features, name="x"):
-    """A 2-D floating (n, features) array; lists are converted."""
-    if not isinstance(x, np.ndarray):
-        x = np.asarray(x)
-    if x.dtype.kind != "f":
-        raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
-    if x.ndim != 2 or x.shape[1] != features:
-        raise ValueError(f"{name}: expected shape (n, {features}), got {x.shape}")
-    return x
+_check_dtype = _validation.param_dtype
+_check_count = _validation.int_at_least
+_check_real = _validation.real_where
+_check_batch = _validation.float_batch
 
 
 def _generator(seed, name="seed"):

@@ -22,6 +22,7 @@ import operator
 
 import numpy as np
 
+from .. import _validation
 from ..functional import batch_norm_backward, forward_with_stats
 
 __all__ = [
@@ -44,49 +45,13 @@ __all__ = [
     "whiten",
 ]
 
-_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 # --------------------------------------------------------------------------- validation
 
-def _check_dtype(dtype):
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"dtype: expected numpy.float32 or numpy.float64, got {dtype!r}") from None
-    if dt not in _DTYPES:
-        raise TypeError(f"dtype: expected numpy.float32 or numpy.float64, got {dt}")
-    return dt
-
-
-def _as_real(a, name, dt, ndim=None):
-    """a as an array of dtype dt (a copy only when a conversion is needed)."""
-    if hasattr(a, "__cuda_array_interface__"):
-        raise TypeError(
-            f"{name}: expected a NumPy array (fastbn.analysis is CPU-only), got "
-            f"{type(a).__module__}.{type(a).__name__}"
-        )
-    arr = np.asarray(a)
-    if arr.dtype.kind not in "iuf":
-        raise TypeError(
-            f"{name}: expected a real numeric array (integer or floating point), got dtype "
-            f"{arr.dtype}"
-        )
-    if ndim is not None and arr.ndim != ndim:
-        raise ValueError(f"{name}: expected a {ndim}-D array, got shape {arr.shape}")
-    return arr.astype(dt, copy=False)
-
-
-def _check_eps(eps, name="eps"):
-    try:
-        val = float(eps)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"{name}: expected a non-negative float, got {type(eps).__name__}"
-        ) from None
-    if not (np.isfinite(val) and val >= 0.0):
-        raise ValueError(f"{name}: expected a finite non-negative float, got {eps!r}")
-    return val
+_check_dtype = _validation.param_dtype
+_as_real = _validation.real_array
+_check_eps = _validation.eps
 
 
 def _per_unit(a, name, k, dt):
