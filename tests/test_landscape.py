@@ -199,7 +199,7 @@ def test_probe_errors(rng):
         landscape.probe_landscape(net, x, labels, [0.1, -0.1])
     with pytest.raises(ValueError, match=r"etas: expected a non-empty 1-D array"):
         landscape.probe_landscape(net, x, labels, [])
-    with pytest.raises(TypeError, match=r"etas: expected real step sizes"):
+    with pytest.raises(TypeError, match=r"etas: expected a real numeric array"):
         landscape.probe_landscape(net, x, labels, ["a"])
     with pytest.raises(TypeError, match=r"net: expected a fastbn.analysis.nn.Sequential"):
         landscape.probe_landscape(object(), x, labels, ETAS)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import _validation
 from .nn import (
     NoisyBN,
     Sequential,
@@ -81,10 +82,7 @@ def _check_net(net):
 
 
 def _check_etas(etas):
-    e = np.asarray(etas)
-    if e.dtype.kind not in "iuf":
-        raise TypeError(f"etas: expected real step sizes, got dtype {e.dtype}")
-    e = np.atleast_1d(e.astype(np.float64))
+    e = np.atleast_1d(_validation.real_array(etas, "etas", np.float64))
     if e.ndim != 1 or e.size == 0:
         raise ValueError(f"etas: expected a non-empty 1-D array of step sizes, got shape "
                          f"{np.shape(etas)}")
