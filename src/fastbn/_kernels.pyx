@@ -23,7 +23,8 @@ form fastbn.distributed merges across processes (Chan et al.).
 cimport cython
 cimport numpy as cnp
 from cython.parallel cimport prange
-from libc.math cimport sqrt
+from libc.float cimport FLT_MAX
+from libc.math cimport INFINITY, NAN, fabs, frexp, ldexp, sqrt
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
@@ -396,35 +397,212 @@ cdef void _stats_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
             _rows_stats(<const double *>ctx.x, ctx, t)
 
 
-cdef void *_first_values(const Ctx *ctx, Py_ssize_t m) noexcept nogil:
-    """Each channel's first value in the working precision, replicated over m*C lanes (lane j:
-    channel j % C): the shift k of the statistics. A sample of the channel is within a few
-    standard deviations of its mean, so sums of x - k and (x - k)^2 lose nothing to a large
-    mean; one shift per channel (not per block) lets the blocks merge by plain addition."""
-    cdef Py_ssize_t c, r, C = ctx.channels, I = ctx.inner
+cdef inline floating _med3(floating a, floating b, floating c) noexcept nogil:
+    # the median of three values (one of them; NaN may give any, the check in _stats catches it)
+    cdef floating lo = a if a < b else b, hi = b if a < b else a
+    if c < hi:
+        hi = c
+    return lo if lo > hi else hi
+
+
+cdef void *_pilot_shift(const Ctx *ctx, Py_ssize_t m) noexcept nogil:
+    """The shift k of the statistics in the working precision, replicated over m*C lanes (lane
+    j: channel j % C): per channel the median of its first, middle and last value in memory.
+
+    Sums of x - k and (x - k)^2 lose nothing to a large mean when k is within a few standard
+    deviations of the mean; one shift per channel (not per block) lets the blocks merge by
+    plain addition. The median of three samples is immune to one outlier and to sorted data
+    (the channel's first value, the shift before, was neither: a 1000-sigma first value put a
+    float32 variance 2e-4 off). _stats checks the shift afterwards and falls back when it was
+    bad anyway."""
+    cdef Py_ssize_t c, r, C = ctx.channels, I = ctx.inner, O = ctx.outer
+    cdef Py_ssize_t i0, i1, i2
     cdef size_t size = sizeof(float) if ctx.f32 else sizeof(double)
     cdef char *k = <char *> malloc(m * C * size + 1)
+    cdef const float *xf = <const float *>ctx.x
+    cdef const double *xd = <const double *>ctx.x
     if k == NULL:
         return NULL
     for c in range(C):
+        i0 = c * I
+        i1 = ((O // 2) * C + c) * I + I // 2
+        i2 = ((O - 1) * C + c) * I + I - 1
         if ctx.f32:
-            (<float *>k)[c] = (<const float *>ctx.x)[c * I]
+            (<float *>k)[c] = _med3(xf[i0], xf[i1], xf[i2])
         else:
-            (<double *>k)[c] = (<const double *>ctx.x)[c * I]
+            (<double *>k)[c] = _med3(xd[i0], xd[i1], xd[i2])
     for r in range(1, m):
         memcpy(k + r * C * size, k, C * size)
     return k
 
 
-cdef int _stats(Ctx *ctx, double *mean, double *m2, int nthreads) noexcept nogil:
-    """Per-channel mean and M2 of ctx.x (outer * inner >= 1). Returns -1 when out of memory."""
-    cdef Py_ssize_t c, C = ctx.channels
-    cdef double n = <double>(ctx.outer * ctx.inner), k, s1
+# The one-pass statistics are trusted for a channel only when, in double: its sums are finite,
+# the shift is within 4 standard deviations of the mean ((mean - k)^2 <= 16 var: the float32
+# error of sum((x - k)^2) - sum(x - k)^2 / n then stays ~1e-6 relative), and the variance is
+# not so small that squares of x - k may have underflowed in the working precision (VMIN),
+# unless the channel is exactly constant (no square at all: sums 0 with |k| >= KMIN, where a
+# nonzero x - k has a square that does not round to 0). Any other channel is recomputed by
+# _stats_careful.
+DEF SHIFT_SIGMAS2 = 16.0
+DEF VMIN_F32 = 7.888609052210118e-31    # 2^-100
+DEF KMIN_F32 = 8.881784197001252e-16    # 2^-50
+DEF VMIN_F64 = 1.1735238433585285e-271  # 2^-900
+DEF KMIN_F64 = 3.4256688264323765e-136  # 2^-450
+DEF CAREFUL_GROUP = 16                  # channels of one _stats_careful task
+
+
+cdef struct Careful:
+    # the channels _stats_careful recomputes (ascending) and where their results go
+    const Py_ssize_t *idx
+    Py_ssize_t nf
+    double *mean
+    double *m2
+    double *var            # or NULL
+
+
+cdef inline void _neumaier(double *s, double *comp, double v) noexcept nogil:
+    cdef double t = s[0] + v
+    if fabs(s[0]) >= fabs(v):
+        comp[0] += (s[0] - t) + v
+    else:
+        comp[0] += (v - t) + s[0]
+    s[0] = t
+
+
+cdef inline double _value(const Ctx *ctx, Py_ssize_t i) noexcept nogil:
+    if ctx.f32:
+        return (<const float *>ctx.x)[i]
+    return (<const double *>ctx.x)[i]
+
+
+cdef void _careful_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
+    """Exact-as-practical statistics of flagged channels [t*G, (t+1)*G) of the Careful list
+    (ctx.lanes), in double, each channel's values in memory order (segment by segment, rows of
+    a channels-last array in order, never a column with a stride):
+      pass 1: max |x|, min, max, and whether a value is NaN or inf;
+      pass 2: the mean of x * s with s = 2^-e a power of two bringing max |x| near 1 (so that
+              neither squares of float64 values overflow nor those of tiny values underflow),
+              compensated (Neumaier);
+      pass 3: sum(d) and sum(d^2), d = x * s - mean, compensated; M2 = sum(d^2) - sum(d)^2/n.
+    A constant channel is exact after pass 1 (mean = its value, M2 = 0); one with NaN or inf
+    gets mean = sum(x) / n (NaN or inf) and M2 = NaN. The result depends only on the channel's
+    values and their order: never on the thread count or the grouping."""
+    cdef const Careful *cf = <const Careful *>ctx.lanes
+    cdef Py_ssize_t j0 = t * CAREFUL_GROUP, g = min(<Py_ssize_t>CAREFUL_GROUP, cf.nf - j0)
+    cdef Py_ssize_t O = ctx.outer, C = ctx.channels, I = ctx.inner, o, i, j, base
+    cdef double n = <double>(O * I), v, d
+    cdef double amax[CAREFUL_GROUP]
+    cdef double vmin[CAREFUL_GROUP]
+    cdef double vmax[CAREFUL_GROUP]
+    cdef double sc[CAREFUL_GROUP]
+    cdef double s1[CAREFUL_GROUP]
+    cdef double e1[CAREFUL_GROUP]
+    cdef double s2[CAREFUL_GROUP]
+    cdef double e2[CAREFUL_GROUP]
+    cdef double mu[CAREFUL_GROUP]
+    cdef int bad[CAREFUL_GROUP]
+    cdef int state[CAREFUL_GROUP]   # 0: passes 2-3, 1: constant, 2: NaN/inf (plain sum)
+    cdef int e
+    cdef Py_ssize_t c
+    for j in range(g):
+        amax[j] = 0
+        vmin[j] = INFINITY
+        vmax[j] = -INFINITY
+        bad[j] = 0
+        s1[j] = e1[j] = s2[j] = e2[j] = 0
+    for o in range(O):
+        for j in range(g):
+            base = (o * C + cf.idx[j0 + j]) * I
+            for i in range(I):
+                v = _value(ctx, base + i)
+                if not (fabs(v) < INFINITY):  # NaN or inf
+                    bad[j] = 1
+                else:
+                    if fabs(v) > amax[j]:
+                        amax[j] = fabs(v)
+                    if v < vmin[j]:
+                        vmin[j] = v
+                    if v > vmax[j]:
+                        vmax[j] = v
+    for j in range(g):
+        if bad[j]:
+            state[j] = 2
+            sc[j] = 1
+        elif vmin[j] == vmax[j]:
+            state[j] = 1
+        else:
+            state[j] = 0
+            frexp(amax[j], &e)
+            sc[j] = ldexp(1.0, max(-1022, min(1023, -e)))
+    for o in range(O):
+        for j in range(g):
+            if state[j] == 1:
+                continue
+            base = (o * C + cf.idx[j0 + j]) * I
+            if state[j] == 2:
+                for i in range(I):
+                    s1[j] += _value(ctx, base + i)
+            else:
+                for i in range(I):
+                    _neumaier(&s1[j], &e1[j], _value(ctx, base + i) * sc[j])
+    for j in range(g):
+        mu[j] = (s1[j] + e1[j]) / n
+        s1[j] = e1[j] = 0
+    for o in range(O):
+        for j in range(g):
+            if state[j] != 0:
+                continue
+            base = (o * C + cf.idx[j0 + j]) * I
+            for i in range(I):
+                d = _value(ctx, base + i) * sc[j] - mu[j]
+                _neumaier(&s1[j], &e1[j], d)
+                _neumaier(&s2[j], &e2[j], d * d)
+    for j in range(g):
+        c = cf.idx[j0 + j]
+        if state[j] == 1:
+            cf.mean[c] = vmin[j]
+            cf.m2[c] = 0
+            if cf.var != NULL:
+                cf.var[c] = 0
+        elif state[j] == 2:
+            cf.mean[c] = mu[j]
+            cf.m2[c] = NAN
+            if cf.var != NULL:
+                cf.var[c] = NAN
+        else:
+            v = s1[j] + e1[j]
+            d = (s2[j] + e2[j]) - v * (v / n)
+            if d < 0:
+                d = 0
+            cf.mean[c] = (mu[j] + v / n) / sc[j]
+            cf.m2[c] = d / sc[j] / sc[j]
+            if cf.var != NULL:
+                cf.var[c] = (d / n) / sc[j] / sc[j]
+
+
+cdef int _stats(Ctx *ctx, double *mean, double *m2, double *var, int nthreads) noexcept nogil:
+    """Per-channel mean and M2 of ctx.x (outer * inner >= 1), and var = M2 / n unless var is
+    NULL (computed so that it is finite whenever the variance is, even if M2 is not).
+
+    One pass of shifted sums (see _pilot_shift) over the fixed partition; the channels whose
+    result that pass cannot vouch for (the checks above) are recomputed by _careful_task.
+    Returns -1 when out of memory."""
+    cdef Py_ssize_t c, C = ctx.channels, nf = 0
+    cdef double n = <double>(ctx.outer * ctx.inner), k, s1, s2, d, v
+    cdef double vmin = VMIN_F32 if ctx.f32 else VMIN_F64
+    cdef double kmin = KMIN_F32 if ctx.f32 else KMIN_F64
+    cdef bint ok
     cdef int rc
     cdef void *shift
+    cdef Py_ssize_t *idx
+    cdef Careful cf
     ctx.p = _rows_partition(ctx.outer, C)
-    shift = _first_values(ctx, ctx.p.m if ctx.inner == 1 else 1)
+    shift = _pilot_shift(ctx, ctx.p.m if ctx.inner == 1 else 1)
     if shift == NULL:
+        return -1
+    idx = <Py_ssize_t *>malloc(C * sizeof(Py_ssize_t) + 1)
+    if idx == NULL:
+        free(shift)
         return -1
     ctx.lanes = shift
     rc = _reduce(ctx, _stats_task, mean, m2, nthreads)
@@ -432,12 +610,34 @@ cdef int _stats(Ctx *ctx, double *mean, double *m2, int nthreads) noexcept nogil
         for c in range(C):
             k = (<const float *>shift)[c] if ctx.f32 else (<const double *>shift)[c]
             s1 = mean[c]
-            mean[c] = k + s1 / n
-            m2[c] = m2[c] - s1 * (s1 / n)
-            if m2[c] < 0:  # rounding when all values are (nearly) equal; NaN stays NaN
+            s2 = m2[c]
+            d = s1 / n
+            mean[c] = k + d
+            m2[c] = s2 - s1 * d
+            if m2[c] < 0:  # rounding when all values are (nearly) equal
                 m2[c] = 0
+            v = m2[c] / n
+            if var != NULL:
+                var[c] = v
+            ok = fabs(s1) < INFINITY and fabs(s2) < INFINITY and d * d <= SHIFT_SIGMAS2 * v
+            if ok and v < vmin:
+                ok = s2 == 0 and fabs(k) >= kmin
+            if not ok:  # (NaN fails every comparison)
+                idx[nf] = c
+                nf += 1
     ctx.lanes = NULL
     free(shift)
+    if rc == 0 and nf > 0:
+        cf.idx = idx
+        cf.nf = nf
+        cf.mean = mean
+        cf.m2 = m2
+        cf.var = var
+        ctx.lanes = &cf
+        _run(_careful_task, ctx, (nf + CAREFUL_GROUP - 1) // CAREFUL_GROUP,
+             _nthreads(nthreads, nf * ctx.outer * ctx.inner))
+        ctx.lanes = NULL
+    free(idx)
     return rc
 
 
@@ -540,11 +740,66 @@ cdef void *_make_lanes(const Ctx *ctx, Py_ssize_t nparams, Py_ssize_t m) noexcep
     return lanes
 
 
+cdef void _wide_norm(const Ctx *ctx, const Py_ssize_t *idx, Py_ssize_t nf, float *tmp,
+                     bint store) noexcept nogil:
+    # float32 channels idx[0..nf) whose parameters do not fit in float (see _normalize):
+    # store = 0: tmp = (x - mean) * a + k (then ReLU) formed in double, rounded once;
+    # store = 1: copy tmp into ctx.out. Segments in memory order.
+    cdef Py_ssize_t O = ctx.outer, C = ctx.channels, I = ctx.inner, o, j, i, c, base, q = 0
+    cdef const float *x = <const float *>ctx.x
+    cdef float *y = <float *>ctx.out
+    cdef double v
+    for o in range(O):
+        for j in range(nf):
+            c = idx[j]
+            base = (o * C + c) * I
+            if store:
+                memcpy(y + base, tmp + q, I * sizeof(float))
+            else:
+                for i in range(I):
+                    v = (<double>x[base + i] - ctx.mean[c]) * ctx.a[c] + ctx.k[c]
+                    if ctx.relu and not (v > 0):
+                        v = 0
+                    tmp[q + i] = <float>v
+            q += I
+
+
 cdef int _normalize(Ctx *ctx, int nthreads) noexcept nogil:
-    """ctx.out = (x - mean) * a + k per channel (then ReLU). Returns -1 when out of memory."""
+    """ctx.out = (x - mean) * a + k per channel (then ReLU). Returns -1 when out of memory.
+
+    float32: a channel whose scale or shift is finite in double but beyond float's range
+    (a = invstd ~ 1e40 for data of standard deviation 1e-40, subnormal in float) would come out
+    inf or NaN from the float kernel; such channels are computed in double instead, into a
+    buffer first (y may be x) and stored after the main pass."""
     cdef int nt = _nthreads(nthreads, ctx.outer * ctx.channels * ctx.inner)
     cdef void *lanes
-    cdef Py_ssize_t ntasks
+    cdef Py_ssize_t ntasks, c, nf = 0
+    cdef Py_ssize_t *idx = NULL
+    cdef float *tmp = NULL
+    cdef double sa, sb, lo
+    if ctx.f32:
+        for c in range(ctx.channels):
+            sa = fabs(ctx.a[c])
+            lo = ctx.mean[c] - <double><float>ctx.mean[c]
+            sb = fabs(ctx.k[c] - lo * ctx.a[c])
+            if (sa > FLT_MAX and sa < INFINITY) or (sb > FLT_MAX and sb < INFINITY):
+                nf += 1
+        if nf > 0:
+            idx = <Py_ssize_t *>malloc(nf * sizeof(Py_ssize_t))
+            tmp = <float *>malloc(nf * ctx.outer * ctx.inner * sizeof(float) + 1)
+            if idx == NULL or tmp == NULL:
+                free(idx)
+                free(tmp)
+                return -1
+            nf = 0
+            for c in range(ctx.channels):
+                sa = fabs(ctx.a[c])
+                lo = ctx.mean[c] - <double><float>ctx.mean[c]
+                sb = fabs(ctx.k[c] - lo * ctx.a[c])
+                if (sa > FLT_MAX and sa < INFINITY) or (sb > FLT_MAX and sb < INFINITY):
+                    idx[nf] = c
+                    nf += 1
+            _wide_norm(ctx, idx, nf, tmp, False)
     if ctx.inner > 1:
         lanes = _make_lanes(ctx, 3, 1)
         ntasks = _ncl_runs(ctx, CHUNK)
@@ -553,11 +808,17 @@ cdef int _normalize(Ctx *ctx, int nthreads) noexcept nogil:
         lanes = _make_lanes(ctx, 3, ctx.p.m)
         ntasks = ctx.p.nb * ctx.p.ntiles
     if lanes == NULL:
+        free(idx)
+        free(tmp)
         return -1
     ctx.lanes = lanes
     _run(_norm_task, ctx, ntasks, nt)
     free(lanes)
     ctx.lanes = NULL
+    if nf > 0:
+        _wide_norm(ctx, idx, nf, tmp, True)
+    free(idx)
+    free(tmp)
     return 0
 
 
@@ -854,14 +1115,13 @@ cdef int _forward_train(Ctx *ctx, const double *w, const double *bb, double eps,
     # stats: OUT [mean | var | invstd], C each
     cdef Py_ssize_t C = ctx.channels, c
     cdef double n = <double>(ctx.outer * ctx.inner)
-    cdef double *buf = <double *> malloc(2 * C * sizeof(double))
+    cdef double *buf = <double *> malloc(3 * C * sizeof(double))
     cdef int rc
     if buf == NULL:
         return -1
-    rc = _stats(ctx, stats, stats + C, nthreads)
+    rc = _stats(ctx, stats, buf + 2 * C, stats + C, nthreads)  # (M2 into buf: unused)
     if rc == 0:
         for c in range(C):
-            stats[C + c] = stats[C + c] / n
             stats[2 * C + c] = _invstd(stats[C + c], eps)
             buf[c] = stats[2 * C + c] * (w[c] if w != NULL else 1.0)
             buf[C + c] = bb[c] if bb != NULL else 0.0
@@ -945,7 +1205,7 @@ def channel_stats(x, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, out, int nthreads
     cdef Ctx ctx = _ctx(t == cnp.NPY_FLOAT32, xp, NULL, O, C, I)
     nthreads = _clamp_threads(nthreads)
     with nogil:
-        rc = _stats(&ctx, o, o + C, nthreads)
+        rc = _stats(&ctx, o, o + C, NULL, nthreads)
     if rc:
         _oom()
 
