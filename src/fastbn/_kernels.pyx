@@ -1,9 +1,11 @@
 # cython: language_level=3
 """Batch-norm kernels on canonical (outer, C, inner) C-contiguous arrays.
 
-Nothing here validates or knows about axes: fastbn.functional checks every argument, allocates
-the outputs and reshapes to the canonical view before calling in (the fast paths at the end
-take only arguments that need no checking beyond their types). The kernels release the GIL.
+Nothing here knows about axes: fastbn.functional checks every argument, allocates the outputs
+and reshapes to the canonical view before calling in (the fast paths at the end take only
+arguments that need no checking beyond their types). The entry points still refuse, with
+TypeError or ValueError, any array they could not read safely (see "Python entry points"), so
+no argument can crash the process. The kernels release the GIL.
 
 Two layouts, chosen by the caller's view:
   inner > 1  "NCL": each channel is `outer` contiguous runs of `inner` values.
@@ -21,7 +23,8 @@ form fastbn.distributed merges across processes (Chan et al.).
 cimport cython
 cimport numpy as cnp
 from cython.parallel cimport prange
-from libc.math cimport INFINITY, sqrt
+from libc.float cimport FLT_MAX
+from libc.math cimport INFINITY, NAN, fabs, frexp, ldexp, sqrt
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
@@ -394,35 +397,212 @@ cdef void _stats_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
             _rows_stats(<const double *>ctx.x, ctx, t)
 
 
-cdef void *_first_values(const Ctx *ctx, Py_ssize_t m) noexcept nogil:
-    """Each channel's first value in the working precision, replicated over m*C lanes (lane j:
-    channel j % C): the shift k of the statistics. A sample of the channel is within a few
-    standard deviations of its mean, so sums of x - k and (x - k)^2 lose nothing to a large
-    mean; one shift per channel (not per block) lets the blocks merge by plain addition."""
-    cdef Py_ssize_t c, r, C = ctx.channels, I = ctx.inner
+cdef inline floating _med3(floating a, floating b, floating c) noexcept nogil:
+    # the median of three values (one of them; NaN may give any, the check in _stats catches it)
+    cdef floating lo = a if a < b else b, hi = b if a < b else a
+    if c < hi:
+        hi = c
+    return lo if lo > hi else hi
+
+
+cdef void *_pilot_shift(const Ctx *ctx, Py_ssize_t m) noexcept nogil:
+    """The shift k of the statistics in the working precision, replicated over m*C lanes (lane
+    j: channel j % C): per channel the median of its first, middle and last value in memory.
+
+    Sums of x - k and (x - k)^2 lose nothing to a large mean when k is within a few standard
+    deviations of the mean; one shift per channel (not per block) lets the blocks merge by
+    plain addition. The median of three samples is immune to one outlier and to sorted data
+    (the channel's first value, the shift before, was neither: a 1000-sigma first value put a
+    float32 variance 2e-4 off). _stats checks the shift afterwards and falls back when it was
+    bad anyway."""
+    cdef Py_ssize_t c, r, C = ctx.channels, I = ctx.inner, O = ctx.outer
+    cdef Py_ssize_t i0, i1, i2
     cdef size_t size = sizeof(float) if ctx.f32 else sizeof(double)
     cdef char *k = <char *> malloc(m * C * size + 1)
+    cdef const float *xf = <const float *>ctx.x
+    cdef const double *xd = <const double *>ctx.x
     if k == NULL:
         return NULL
     for c in range(C):
+        i0 = c * I
+        i1 = ((O // 2) * C + c) * I + I // 2
+        i2 = ((O - 1) * C + c) * I + I - 1
         if ctx.f32:
-            (<float *>k)[c] = (<const float *>ctx.x)[c * I]
+            (<float *>k)[c] = _med3(xf[i0], xf[i1], xf[i2])
         else:
-            (<double *>k)[c] = (<const double *>ctx.x)[c * I]
+            (<double *>k)[c] = _med3(xd[i0], xd[i1], xd[i2])
     for r in range(1, m):
         memcpy(k + r * C * size, k, C * size)
     return k
 
 
-cdef int _stats(Ctx *ctx, double *mean, double *m2, int nthreads) noexcept nogil:
-    """Per-channel mean and M2 of ctx.x (outer * inner >= 1). Returns -1 when out of memory."""
-    cdef Py_ssize_t c, C = ctx.channels
-    cdef double n = <double>(ctx.outer * ctx.inner), k, s1
+# The one-pass statistics are trusted for a channel only when, in double: its sums are finite,
+# the shift is within 4 standard deviations of the mean ((mean - k)^2 <= 16 var: the float32
+# error of sum((x - k)^2) - sum(x - k)^2 / n then stays ~1e-6 relative), and the variance is
+# not so small that squares of x - k may have underflowed in the working precision (VMIN),
+# unless the channel is exactly constant (no square at all: sums 0 with |k| >= KMIN, where a
+# nonzero x - k has a square that does not round to 0). Any other channel is recomputed by
+# _stats_careful.
+DEF SHIFT_SIGMAS2 = 16.0
+DEF VMIN_F32 = 7.888609052210118e-31    # 2^-100
+DEF KMIN_F32 = 8.881784197001252e-16    # 2^-50
+DEF VMIN_F64 = 1.1735238433585285e-271  # 2^-900
+DEF KMIN_F64 = 3.4256688264323765e-136  # 2^-450
+DEF CAREFUL_GROUP = 16                  # channels of one _stats_careful task
+
+
+cdef struct Careful:
+    # the channels _stats_careful recomputes (ascending) and where their results go
+    const Py_ssize_t *idx
+    Py_ssize_t nf
+    double *mean
+    double *m2
+    double *var            # or NULL
+
+
+cdef inline void _neumaier(double *s, double *comp, double v) noexcept nogil:
+    cdef double t = s[0] + v
+    if fabs(s[0]) >= fabs(v):
+        comp[0] += (s[0] - t) + v
+    else:
+        comp[0] += (v - t) + s[0]
+    s[0] = t
+
+
+cdef inline double _value(const Ctx *ctx, Py_ssize_t i) noexcept nogil:
+    if ctx.f32:
+        return (<const float *>ctx.x)[i]
+    return (<const double *>ctx.x)[i]
+
+
+cdef void _careful_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
+    """Exact-as-practical statistics of flagged channels [t*G, (t+1)*G) of the Careful list
+    (ctx.lanes), in double, each channel's values in memory order (segment by segment, rows of
+    a channels-last array in order, never a column with a stride):
+      pass 1: max |x|, min, max, and whether a value is NaN or inf;
+      pass 2: the mean of x * s with s = 2^-e a power of two bringing max |x| near 1 (so that
+              neither squares of float64 values overflow nor those of tiny values underflow),
+              compensated (Neumaier);
+      pass 3: sum(d) and sum(d^2), d = x * s - mean, compensated; M2 = sum(d^2) - sum(d)^2/n.
+    A constant channel is exact after pass 1 (mean = its value, M2 = 0); one with NaN or inf
+    gets mean = sum(x) / n (NaN or inf) and M2 = NaN. The result depends only on the channel's
+    values and their order: never on the thread count or the grouping."""
+    cdef const Careful *cf = <const Careful *>ctx.lanes
+    cdef Py_ssize_t j0 = t * CAREFUL_GROUP, g = min(<Py_ssize_t>CAREFUL_GROUP, cf.nf - j0)
+    cdef Py_ssize_t O = ctx.outer, C = ctx.channels, I = ctx.inner, o, i, j, base
+    cdef double n = <double>(O * I), v, d
+    cdef double amax[CAREFUL_GROUP]
+    cdef double vmin[CAREFUL_GROUP]
+    cdef double vmax[CAREFUL_GROUP]
+    cdef double sc[CAREFUL_GROUP]
+    cdef double s1[CAREFUL_GROUP]
+    cdef double e1[CAREFUL_GROUP]
+    cdef double s2[CAREFUL_GROUP]
+    cdef double e2[CAREFUL_GROUP]
+    cdef double mu[CAREFUL_GROUP]
+    cdef int bad[CAREFUL_GROUP]
+    cdef int state[CAREFUL_GROUP]   # 0: passes 2-3, 1: constant, 2: NaN/inf (plain sum)
+    cdef int e
+    cdef Py_ssize_t c
+    for j in range(g):
+        amax[j] = 0
+        vmin[j] = INFINITY
+        vmax[j] = -INFINITY
+        bad[j] = 0
+        s1[j] = e1[j] = s2[j] = e2[j] = 0
+    for o in range(O):
+        for j in range(g):
+            base = (o * C + cf.idx[j0 + j]) * I
+            for i in range(I):
+                v = _value(ctx, base + i)
+                if not (fabs(v) < INFINITY):  # NaN or inf
+                    bad[j] = 1
+                else:
+                    if fabs(v) > amax[j]:
+                        amax[j] = fabs(v)
+                    if v < vmin[j]:
+                        vmin[j] = v
+                    if v > vmax[j]:
+                        vmax[j] = v
+    for j in range(g):
+        if bad[j]:
+            state[j] = 2
+            sc[j] = 1
+        elif vmin[j] == vmax[j]:
+            state[j] = 1
+        else:
+            state[j] = 0
+            frexp(amax[j], &e)
+            sc[j] = ldexp(1.0, max(-1022, min(1023, -e)))
+    for o in range(O):
+        for j in range(g):
+            if state[j] == 1:
+                continue
+            base = (o * C + cf.idx[j0 + j]) * I
+            if state[j] == 2:
+                for i in range(I):
+                    s1[j] += _value(ctx, base + i)
+            else:
+                for i in range(I):
+                    _neumaier(&s1[j], &e1[j], _value(ctx, base + i) * sc[j])
+    for j in range(g):
+        mu[j] = (s1[j] + e1[j]) / n
+        s1[j] = e1[j] = 0
+    for o in range(O):
+        for j in range(g):
+            if state[j] != 0:
+                continue
+            base = (o * C + cf.idx[j0 + j]) * I
+            for i in range(I):
+                d = _value(ctx, base + i) * sc[j] - mu[j]
+                _neumaier(&s1[j], &e1[j], d)
+                _neumaier(&s2[j], &e2[j], d * d)
+    for j in range(g):
+        c = cf.idx[j0 + j]
+        if state[j] == 1:
+            cf.mean[c] = vmin[j]
+            cf.m2[c] = 0
+            if cf.var != NULL:
+                cf.var[c] = 0
+        elif state[j] == 2:
+            cf.mean[c] = mu[j]
+            cf.m2[c] = NAN
+            if cf.var != NULL:
+                cf.var[c] = NAN
+        else:
+            v = s1[j] + e1[j]
+            d = (s2[j] + e2[j]) - v * (v / n)
+            if d < 0:
+                d = 0
+            cf.mean[c] = (mu[j] + v / n) / sc[j]
+            cf.m2[c] = d / sc[j] / sc[j]
+            if cf.var != NULL:
+                cf.var[c] = (d / n) / sc[j] / sc[j]
+
+
+cdef int _stats(Ctx *ctx, double *mean, double *m2, double *var, int nthreads) noexcept nogil:
+    """Per-channel mean and M2 of ctx.x (outer * inner >= 1), and var = M2 / n unless var is
+    NULL (computed so that it is finite whenever the variance is, even if M2 is not).
+
+    One pass of shifted sums (see _pilot_shift) over the fixed partition; the channels whose
+    result that pass cannot vouch for (the checks above) are recomputed by _careful_task.
+    Returns -1 when out of memory."""
+    cdef Py_ssize_t c, C = ctx.channels, nf = 0
+    cdef double n = <double>(ctx.outer * ctx.inner), k, s1, s2, d, v
+    cdef double vmin = VMIN_F32 if ctx.f32 else VMIN_F64
+    cdef double kmin = KMIN_F32 if ctx.f32 else KMIN_F64
+    cdef bint ok
     cdef int rc
     cdef void *shift
+    cdef Py_ssize_t *idx
+    cdef Careful cf
     ctx.p = _rows_partition(ctx.outer, C)
-    shift = _first_values(ctx, ctx.p.m if ctx.inner == 1 else 1)
+    shift = _pilot_shift(ctx, ctx.p.m if ctx.inner == 1 else 1)
     if shift == NULL:
+        return -1
+    idx = <Py_ssize_t *>malloc(C * sizeof(Py_ssize_t) + 1)
+    if idx == NULL:
+        free(shift)
         return -1
     ctx.lanes = shift
     rc = _reduce(ctx, _stats_task, mean, m2, nthreads)
@@ -430,12 +610,34 @@ cdef int _stats(Ctx *ctx, double *mean, double *m2, int nthreads) noexcept nogil
         for c in range(C):
             k = (<const float *>shift)[c] if ctx.f32 else (<const double *>shift)[c]
             s1 = mean[c]
-            mean[c] = k + s1 / n
-            m2[c] = m2[c] - s1 * (s1 / n)
-            if m2[c] < 0:  # rounding when all values are (nearly) equal; NaN stays NaN
+            s2 = m2[c]
+            d = s1 / n
+            mean[c] = k + d
+            m2[c] = s2 - s1 * d
+            if m2[c] < 0:  # rounding when all values are (nearly) equal
                 m2[c] = 0
+            v = m2[c] / n
+            if var != NULL:
+                var[c] = v
+            ok = fabs(s1) < INFINITY and fabs(s2) < INFINITY and d * d <= SHIFT_SIGMAS2 * v
+            if ok and v < vmin:
+                ok = s2 == 0 and fabs(k) >= kmin
+            if not ok:  # (NaN fails every comparison)
+                idx[nf] = c
+                nf += 1
     ctx.lanes = NULL
     free(shift)
+    if rc == 0 and nf > 0:
+        cf.idx = idx
+        cf.nf = nf
+        cf.mean = mean
+        cf.m2 = m2
+        cf.var = var
+        ctx.lanes = &cf
+        _run(_careful_task, ctx, (nf + CAREFUL_GROUP - 1) // CAREFUL_GROUP,
+             _nthreads(nthreads, nf * ctx.outer * ctx.inner))
+        ctx.lanes = NULL
+    free(idx)
     return rc
 
 
@@ -538,11 +740,66 @@ cdef void *_make_lanes(const Ctx *ctx, Py_ssize_t nparams, Py_ssize_t m) noexcep
     return lanes
 
 
+cdef void _wide_norm(const Ctx *ctx, const Py_ssize_t *idx, Py_ssize_t nf, float *tmp,
+                     bint store) noexcept nogil:
+    # float32 channels idx[0..nf) whose parameters do not fit in float (see _normalize):
+    # store = 0: tmp = (x - mean) * a + k (then ReLU) formed in double, rounded once;
+    # store = 1: copy tmp into ctx.out. Segments in memory order.
+    cdef Py_ssize_t O = ctx.outer, C = ctx.channels, I = ctx.inner, o, j, i, c, base, q = 0
+    cdef const float *x = <const float *>ctx.x
+    cdef float *y = <float *>ctx.out
+    cdef double v
+    for o in range(O):
+        for j in range(nf):
+            c = idx[j]
+            base = (o * C + c) * I
+            if store:
+                memcpy(y + base, tmp + q, I * sizeof(float))
+            else:
+                for i in range(I):
+                    v = (<double>x[base + i] - ctx.mean[c]) * ctx.a[c] + ctx.k[c]
+                    if ctx.relu and not (v > 0):
+                        v = 0
+                    tmp[q + i] = <float>v
+            q += I
+
+
 cdef int _normalize(Ctx *ctx, int nthreads) noexcept nogil:
-    """ctx.out = (x - mean) * a + k per channel (then ReLU). Returns -1 when out of memory."""
+    """ctx.out = (x - mean) * a + k per channel (then ReLU). Returns -1 when out of memory.
+
+    float32: a channel whose scale or shift is finite in double but beyond float's range
+    (a = invstd ~ 1e40 for data of standard deviation 1e-40, subnormal in float) would come out
+    inf or NaN from the float kernel; such channels are computed in double instead, into a
+    buffer first (y may be x) and stored after the main pass."""
     cdef int nt = _nthreads(nthreads, ctx.outer * ctx.channels * ctx.inner)
     cdef void *lanes
-    cdef Py_ssize_t ntasks
+    cdef Py_ssize_t ntasks, c, nf = 0
+    cdef Py_ssize_t *idx = NULL
+    cdef float *tmp = NULL
+    cdef double sa, sb, lo
+    if ctx.f32:
+        for c in range(ctx.channels):
+            sa = fabs(ctx.a[c])
+            lo = ctx.mean[c] - <double><float>ctx.mean[c]
+            sb = fabs(ctx.k[c] - lo * ctx.a[c])
+            if (sa > FLT_MAX and sa < INFINITY) or (sb > FLT_MAX and sb < INFINITY):
+                nf += 1
+        if nf > 0:
+            idx = <Py_ssize_t *>malloc(nf * sizeof(Py_ssize_t))
+            tmp = <float *>malloc(nf * ctx.outer * ctx.inner * sizeof(float) + 1)
+            if idx == NULL or tmp == NULL:
+                free(idx)
+                free(tmp)
+                return -1
+            nf = 0
+            for c in range(ctx.channels):
+                sa = fabs(ctx.a[c])
+                lo = ctx.mean[c] - <double><float>ctx.mean[c]
+                sb = fabs(ctx.k[c] - lo * ctx.a[c])
+                if (sa > FLT_MAX and sa < INFINITY) or (sb > FLT_MAX and sb < INFINITY):
+                    idx[nf] = c
+                    nf += 1
+            _wide_norm(ctx, idx, nf, tmp, False)
     if ctx.inner > 1:
         lanes = _make_lanes(ctx, 3, 1)
         ntasks = _ncl_runs(ctx, CHUNK)
@@ -551,11 +808,17 @@ cdef int _normalize(Ctx *ctx, int nthreads) noexcept nogil:
         lanes = _make_lanes(ctx, 3, ctx.p.m)
         ntasks = ctx.p.nb * ctx.p.ntiles
     if lanes == NULL:
+        free(idx)
+        free(tmp)
         return -1
     ctx.lanes = lanes
     _run(_norm_task, ctx, ntasks, nt)
     free(lanes)
     ctx.lanes = NULL
+    if nf > 0:
+        _wide_norm(ctx, idx, nf, tmp, True)
+    free(idx)
+    free(tmp)
     return 0
 
 
@@ -728,28 +991,68 @@ cdef int _bwd_dx(Ctx *ctx, int nthreads) noexcept nogil:
 # --------------------------------------------------------------------------- Python entry points
 # fastbn.functional validates every argument and hands over C-contiguous arrays: x-shaped arrays
 # hold outer * C * inner values of the canonical (outer, C, inner) view, per-channel arrays are
-# C-contiguous float32 or float64 (_chan). The entry points take ndarrays and raw pointers rather than typed memoryviews because
-# acquiring seven buffers and dispatching a fused `def` costs ~4 us, which dominated small calls.
-# They still check dtype, contiguity and size (a few ns) so that misuse raises instead of reading
-# out of bounds. `weight`, `bias` and `y` may be None.
+# C-contiguous float32 or float64 (_chan). The entry points take ndarrays and raw pointers rather
+# than typed memoryviews because acquiring seven buffers and dispatching a fused `def` costs
+# ~4 us, which dominated small calls.
+# They still check every array (a few ns each) so that no argument can crash the process or
+# be read as something it is not: a missing (None) or non-ndarray required array is a
+# TypeError naming the parameter, and so is a wrong dtype; an array that is not C-contiguous,
+# not in native byte order, misaligned, of the wrong size, or a read-only output is a
+# ValueError, and so are negative extents. `weight`, `bias` and the backward's ReLU mask `y`
+# may be None. C == 0 is a no-op; outer * inner == 0 gives zero sums where there are sums.
 
-cdef int _typenum(cnp.ndarray x) except -1:
-    cdef int t = cnp.PyArray_TYPE(x)
+cdef extern from "Python.h":
+    const Py_ssize_t PY_SSIZE_T_MAX
+
+# The largest channel count an entry point accepts: keeps every per-channel buffer size
+# (a few times C doubles) far from Py_ssize_t overflow.
+cdef Py_ssize_t MAX_C = PY_SSIZE_T_MAX // 64
+
+
+cdef Py_ssize_t _extent(Py_ssize_t O, Py_ssize_t C, Py_ssize_t I) except -1:
+    """O * C * I after checking the extents: none negative, no overflow."""
+    if O < 0 or C < 0 or I < 0:
+        raise ValueError(f"fastbn kernels: O, C, I must be >= 0, got {O}, {C}, {I}")
+    if C > MAX_C:
+        raise ValueError(f"fastbn kernels: C = {C} is too large")
+    if O == 0 or C == 0 or I == 0:
+        return 0
+    if O > PY_SSIZE_T_MAX // C or O * C > PY_SSIZE_T_MAX // I:
+        raise ValueError(f"fastbn kernels: O * C * I overflows ({O}, {C}, {I})")
+    return O * C * I
+
+
+cdef inline int _clamp_threads(int nthreads) noexcept nogil:
+    # Any int is accepted: <= 1 runs serially, and more than 1024 threads (which OpenMP would try
+    # to create) is never useful. Results do not depend on the count.
+    return 1 if nthreads < 1 else (1024 if nthreads > 1024 else nthreads)
+
+
+cdef cnp.ndarray _array(object a, str name):
+    if not isinstance(a, cnp.ndarray):
+        raise TypeError(f"fastbn kernels: {name} must be an ndarray, got {type(a).__name__}")
+    return <cnp.ndarray>a
+
+
+cdef int _typenum(object x, str name) except -1:
+    cdef int t = cnp.PyArray_TYPE(_array(x, name))
     if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
-        raise TypeError(f"fastbn kernels: expected float32 or float64, got {x.dtype}")
+        raise TypeError(f"fastbn kernels: {name} must be float32 or float64, got {x.dtype}")
     return t
 
 
 cdef void *_data(object a, int typenum, Py_ssize_t size, str name) except NULL:
-    """Pointer to a C-contiguous array of `typenum` with `size` values (checked)."""
-    cdef cnp.ndarray arr
-    if not isinstance(a, cnp.ndarray):
-        raise TypeError(f"fastbn kernels: {name} must be an ndarray")
-    arr = <cnp.ndarray>a
-    if cnp.PyArray_TYPE(arr) != typenum or not cnp.PyArray_IS_C_CONTIGUOUS(arr):
-        raise ValueError(
-            f"fastbn kernels: {name} must be C-contiguous {cnp.PyArray_DescrFromType(typenum)}"
-        )
+    """Pointer to a C-contiguous, aligned, native-order array of `typenum` with `size` values."""
+    cdef cnp.ndarray arr = _array(a, name)
+    if cnp.PyArray_TYPE(arr) != typenum:
+        raise TypeError(f"fastbn kernels: {name} must be {cnp.PyArray_DescrFromType(typenum)}, "
+                        f"got {arr.dtype}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
+        raise ValueError(f"fastbn kernels: {name} must be C-contiguous")
+    if cnp.PyArray_ISBYTESWAPPED(arr):
+        raise ValueError(f"fastbn kernels: {name} must be in native byte order")
+    if not cnp.PyArray_ISALIGNED(arr):
+        raise ValueError(f"fastbn kernels: {name} must be aligned")
     if cnp.PyArray_SIZE(arr) != size:
         raise ValueError(f"fastbn kernels: {name} must have {size} values, got {arr.size}")
     return cnp.PyArray_DATA(arr)
@@ -762,21 +1065,26 @@ cdef void *_out(object a, int typenum, Py_ssize_t size, str name) except NULL:
     return p
 
 
-cdef const double *_chan(object a, Py_ssize_t C, str name, double *slot) except? NULL:
+cdef const double *_chan(object a, Py_ssize_t C, str name, double *slot,
+                         bint optional) except? NULL:
     """A per-channel array as float64: its own data, or float32 values converted into slot.
 
     Converting C values here costs nanoseconds; NumPy's astype costs ~0.4 us per array,
-    which was a quarter of a small call. None gives NULL.
+    which was a quarter of a small call. None gives NULL when optional, else a TypeError.
     """
     cdef const float *f
     cdef Py_ssize_t c
     if a is None:
-        return NULL
-    if isinstance(a, cnp.ndarray) and cnp.PyArray_TYPE(<cnp.ndarray>a) == cnp.NPY_FLOAT32:
+        if optional:
+            return NULL
+        raise TypeError(f"fastbn kernels: {name} is required, got None")
+    if cnp.PyArray_TYPE(_array(a, name)) == cnp.NPY_FLOAT32:
         f = <const float *>_data(a, cnp.NPY_FLOAT32, C, name)
         for c in range(C):
             slot[c] = f[c]
         return slot
+    if cnp.PyArray_TYPE(<cnp.ndarray>a) != cnp.NPY_FLOAT64:
+        raise TypeError(f"fastbn kernels: {name} must be float32 or float64, got {a.dtype}")
     return <const double *>_data(a, cnp.NPY_FLOAT64, C, name)
 
 
@@ -807,14 +1115,13 @@ cdef int _forward_train(Ctx *ctx, const double *w, const double *bb, double eps,
     # stats: OUT [mean | var | invstd], C each
     cdef Py_ssize_t C = ctx.channels, c
     cdef double n = <double>(ctx.outer * ctx.inner)
-    cdef double *buf = <double *> malloc(2 * C * sizeof(double))
+    cdef double *buf = <double *> malloc(3 * C * sizeof(double))
     cdef int rc
     if buf == NULL:
         return -1
-    rc = _stats(ctx, stats, stats + C, nthreads)
+    rc = _stats(ctx, stats, buf + 2 * C, stats + C, nthreads)  # (M2 into buf: unused)
     if rc == 0:
         for c in range(C):
-            stats[C + c] = stats[C + c] / n
             stats[2 * C + c] = _invstd(stats[C + c], eps)
             buf[c] = stats[2 * C + c] * (w[c] if w != NULL else 1.0)
             buf[C + c] = bb[c] if bb != NULL else 0.0
@@ -875,49 +1182,60 @@ def _oom():
     raise MemoryError("fastbn: out of memory for the kernel workspace")
 
 
-def channel_stats(cnp.ndarray x, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, out, int nthreads):
-    """Per-channel mean and M2 = sum((x - mean)^2). IN x; OUT out = [mean | M2] (2*C float64)."""
-    cdef int t = _typenum(x)
-    cdef Py_ssize_t n = O * C * I
+cdef double *_scratch(Py_ssize_t nchan, Py_ssize_t C) except NULL:
+    # nchan per-channel double slots (freed by the caller); C <= MAX_C was checked
+    cdef double *p = <double *>malloc((nchan * C + 1) * sizeof(double))
+    if p == NULL:
+        _oom()
+    return p
+
+
+def channel_stats(x, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, out, int nthreads):
+    """Per-channel mean and M2 = sum((x - mean)^2). IN x; OUT out = [mean | M2] (2*C float64).
+
+    outer * inner == 0 gives zeros."""
+    cdef Py_ssize_t n = _extent(O, C, I)
+    cdef int t = _typenum(x, "x")
     cdef const void *xp = _data(x, t, n, "x")
     cdef double *o = <double *>_out(out, cnp.NPY_FLOAT64, 2 * C, "out")
     cdef int rc = 0
-    cdef Py_ssize_t c
-    if O * I == 0:
-        for c in range(2 * C):
-            o[c] = 0
+    if n == 0:
+        memset(o, 0, 2 * C * sizeof(double))
         return
     cdef Ctx ctx = _ctx(t == cnp.NPY_FLOAT32, xp, NULL, O, C, I)
+    nthreads = _clamp_threads(nthreads)
     with nogil:
-        rc = _stats(&ctx, o, o + C, nthreads)
+        rc = _stats(&ctx, o, o + C, NULL, nthreads)
     if rc:
         _oom()
 
 
-cpdef forward_train(cnp.ndarray x, y, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, weight, bias,
+cpdef forward_train(x, y, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, weight, bias,
                   double eps, bint relu, stats, int nthreads):
     """Training forward: y = (x - mean) * invstd * weight + bias (then ReLU), batch statistics.
 
     IN x, weight, bias (or None); OUT y (may be x), stats = [mean | var (biased) | invstd].
+    C == 0 is a no-op; outer * inner == 0 with C > 0 is a ValueError (no statistics).
     """
-    cdef int t = _typenum(x)
-    cdef Py_ssize_t n = O * C * I
+    cdef Py_ssize_t n = _extent(O, C, I)
+    cdef int t = _typenum(x, "x")
     cdef const void *xp = _data(x, t, n, "x")
     cdef void *yp = _out(y, t, n, "y")
     cdef double *sp = <double *>_out(stats, cnp.NPY_FLOAT64, 3 * C, "stats")
     cdef int rc
     cdef Ctx ctx = _ctx(t == cnp.NPY_FLOAT32, xp, yp, O, C, I)
-    if O * I == 0:  # the statistics shift reads each channel's first value
-        raise ValueError("fastbn kernels: forward_train needs outer * inner >= 1")
     cdef const double *wp
     cdef const double *bp
-    cdef double *scratch = <double *>malloc((2 * C + 1) * sizeof(double))
-    if scratch == NULL:
-        _oom()
+    cdef double *scratch = _scratch(2, C)
     try:
-        wp = _chan(weight, C, "weight", scratch + 0 * C)
-        bp = _chan(bias, C, "bias", scratch + 1 * C)
+        wp = _chan(weight, C, "weight", scratch + 0 * C, True)
+        bp = _chan(bias, C, "bias", scratch + 1 * C, True)
+        if C == 0:
+            return
+        if n == 0:
+            raise ValueError("fastbn kernels: forward_train needs outer * inner >= 1")
         ctx.relu = relu
+        nthreads = _clamp_threads(nthreads)
         with nogil:
             rc = _forward_train(&ctx, wp, bp, eps, sp, nthreads)
         if rc:
@@ -932,9 +1250,11 @@ cdef int _update_one(object run, const double *batch, Py_ssize_t C, double scale
     cdef Py_ssize_t c
     cdef float *f
     cdef double *d
+    cdef int t
     if run is None:
         return 0
-    if cnp.PyArray_TYPE(<cnp.ndarray>run) == cnp.NPY_FLOAT32:
+    t = _typenum(run, "running statistics")
+    if t == cnp.NPY_FLOAT32:
         f = <float *>_out(run, cnp.NPY_FLOAT32, C, "running statistics")
         for c in range(C):
             f[c] = <float>((1.0 - momentum) * <double>f[c] + momentum * (scale * batch[c]))
@@ -952,21 +1272,26 @@ def update_running(running_mean, running_var, mean, var, double count, double mo
     C-contiguous float32/float64). Done here rather than in NumPy because six small array
     operations cost more than a small batch's whole forward.
     """
-    cdef Py_ssize_t C = mean.shape[0]
+    cdef Py_ssize_t C = cnp.PyArray_SIZE(_array(mean, "mean"))
     cdef const double *mp = <const double *>_data(mean, cnp.NPY_FLOAT64, C, "mean")
     cdef const double *vp = <const double *>_data(var, cnp.NPY_FLOAT64, C, "var")
+    # check both before writing either
+    if running_mean is not None:
+        _out(running_mean, _typenum(running_mean, "running_mean"), C, "running_mean")
+    if running_var is not None:
+        _out(running_var, _typenum(running_var, "running_var"), C, "running_var")
     _update_one(running_mean, mp, C, 1.0, momentum)
     _update_one(running_var, vp, C, count / (count - 1) if count > 1 else 1.0, momentum)
 
 
-def normalize(cnp.ndarray x, y, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, mean, invstd, weight,
+def normalize(x, y, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, mean, invstd, weight,
               bias, bint relu, int nthreads):
     """y = (x - mean) * invstd * weight + bias (then ReLU) for given statistics.
 
     IN x, mean, invstd, weight, bias (or None); OUT y (may be x).
     """
-    cdef int t = _typenum(x)
-    cdef Py_ssize_t n = O * C * I
+    cdef Py_ssize_t n = _extent(O, C, I)
+    cdef int t = _typenum(x, "x")
     cdef const void *xp = _data(x, t, n, "x")
     cdef void *yp = _out(y, t, n, "y")
     cdef int rc
@@ -975,17 +1300,16 @@ def normalize(cnp.ndarray x, y, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, mean, 
     cdef const double *wp
     cdef const double *bp
     cdef Ctx ctx = _ctx(t == cnp.NPY_FLOAT32, xp, yp, O, C, I)
-    cdef double *scratch = <double *>malloc((4 * C + 1) * sizeof(double))
-    if scratch == NULL:
-        _oom()
+    cdef double *scratch = _scratch(4, C)
     try:
-        mp = _chan(mean, C, "mean", scratch + 0 * C)
-        ip = _chan(invstd, C, "invstd", scratch + 1 * C)
-        wp = _chan(weight, C, "weight", scratch + 2 * C)
-        bp = _chan(bias, C, "bias", scratch + 3 * C)
+        mp = _chan(mean, C, "mean", scratch + 0 * C, False)
+        ip = _chan(invstd, C, "invstd", scratch + 1 * C, False)
+        wp = _chan(weight, C, "weight", scratch + 2 * C, True)
+        bp = _chan(bias, C, "bias", scratch + 3 * C, True)
         if n == 0:
             return
         ctx.relu = relu
+        nthreads = _clamp_threads(nthreads)
         with nogil:
             rc = _normalize_given(&ctx, mp, ip, wp, bp, nthreads)
         if rc:
@@ -994,14 +1318,14 @@ def normalize(cnp.ndarray x, y, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, mean, 
         free(scratch)
 
 
-cpdef normalize_running(cnp.ndarray x, y, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, mean, var,
+cpdef normalize_running(x, y, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, mean, var,
                       double eps, weight, bias, bint relu, int nthreads):
     """Inference forward: normalize with invstd = 1/sqrt(var + eps) (0 where var + eps == 0).
 
     IN x, mean, var (running statistics), weight, bias (or None); OUT y (may be x).
     """
-    cdef int t = _typenum(x)
-    cdef Py_ssize_t n = O * C * I
+    cdef Py_ssize_t n = _extent(O, C, I)
+    cdef int t = _typenum(x, "x")
     cdef const void *xp = _data(x, t, n, "x")
     cdef void *yp = _out(y, t, n, "y")
     cdef Ctx ctx = _ctx(t == cnp.NPY_FLOAT32, xp, yp, O, C, I)
@@ -1012,17 +1336,16 @@ cpdef normalize_running(cnp.ndarray x, y, Py_ssize_t O, Py_ssize_t C, Py_ssize_t
     cdef const double *vp
     cdef const double *wp
     cdef const double *bp
-    cdef double *scratch = <double *>malloc((4 * C + 1) * sizeof(double))
-    if scratch == NULL:
-        _oom()
+    cdef double *scratch = _scratch(4, C)
     try:
-        mp = _chan(mean, C, "mean", scratch + 0 * C)
-        vp = _chan(var, C, "var", scratch + 1 * C)
-        wp = _chan(weight, C, "weight", scratch + 2 * C)
-        bp = _chan(bias, C, "bias", scratch + 3 * C)
+        mp = _chan(mean, C, "mean", scratch + 0 * C, False)
+        vp = _chan(var, C, "var", scratch + 1 * C, False)
+        wp = _chan(weight, C, "weight", scratch + 2 * C, True)
+        bp = _chan(bias, C, "bias", scratch + 3 * C, True)
         ctx.relu = relu
         if n == 0:
             return
+        nthreads = _clamp_threads(nthreads)
         with nogil:
             inv = <double *> malloc(C * sizeof(double))
             if inv != NULL:
@@ -1036,34 +1359,32 @@ cpdef normalize_running(cnp.ndarray x, y, Py_ssize_t O, Py_ssize_t C, Py_ssize_t
         free(scratch)
 
 
-def backward_sums(cnp.ndarray dy, x, y, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, mean, out,
+def backward_sums(dy, x, y, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, mean, out,
                   int nthreads):
     """Per channel: sum(g) and sum(g * (x - mean)), g = dy masked by y > 0 when y is given.
 
     IN dy, x, y (or None), mean; OUT out = [sum(g) | sum(g * (x - mean))] (2*C float64).
+    outer * inner == 0 gives zeros.
     """
-    cdef int t = _typenum(dy)
-    cdef Py_ssize_t n = O * C * I
+    cdef Py_ssize_t n = _extent(O, C, I)
+    cdef int t = _typenum(dy, "dy")
     cdef const void *dyp = _data(dy, t, n, "dy")
     cdef const void *xp = _data(x, t, n, "x")
     cdef const void *ym = _data(y, t, n, "y") if y is not None else NULL
     cdef double *o = <double *>_out(out, cnp.NPY_FLOAT64, 2 * C, "out")
     cdef int rc
-    cdef Py_ssize_t c
     cdef const double *mp
     cdef Ctx ctx = _ctx(t == cnp.NPY_FLOAT32, xp, NULL, O, C, I)
-    cdef double *scratch = <double *>malloc((1 * C + 1) * sizeof(double))
-    if scratch == NULL:
-        _oom()
+    cdef double *scratch = _scratch(1, C)
     try:
-        mp = _chan(mean, C, "mean", scratch + 0 * C)
-        if O * I == 0:
-            for c in range(2 * C):
-                o[c] = 0
+        mp = _chan(mean, C, "mean", scratch + 0 * C, False)
+        if n == 0:
+            memset(o, 0, 2 * C * sizeof(double))
             return
         ctx.dy = dyp
         ctx.y = ym
         ctx.mean = mp
+        nthreads = _clamp_threads(nthreads)
         with nogil:
             rc = _bwd_sums(&ctx, o, o + C, nthreads)
         if rc:
@@ -1072,7 +1393,7 @@ def backward_sums(cnp.ndarray dy, x, y, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I
         free(scratch)
 
 
-def backward_dx(cnp.ndarray dy, x, y, dx, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, mean,
+def backward_dx(dy, x, y, dx, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, mean,
                 invstd, weight, sum_dy, sum_dy_xmu, double count, bint training, int nthreads):
     """dx of batch norm from per-channel sums (see backward_sums) over `count` values.
 
@@ -1080,8 +1401,8 @@ def backward_dx(cnp.ndarray dy, x, y, dx, Py_ssize_t O, Py_ssize_t C, Py_ssize_t
     inference (statistics were constants): dx = a*g.
     IN dy, x, y (or None), mean, invstd, weight (or None), sums; OUT dx (may be dy).
     """
-    cdef int t = _typenum(dy)
-    cdef Py_ssize_t n = O * C * I
+    cdef Py_ssize_t n = _extent(O, C, I)
+    cdef int t = _typenum(dy, "dy")
     cdef const void *dyp = _data(dy, t, n, "dy")
     cdef const void *xp = _data(x, t, n, "x")
     cdef const void *ym = _data(y, t, n, "y") if y is not None else NULL
@@ -1093,19 +1414,18 @@ def backward_dx(cnp.ndarray dy, x, y, dx, Py_ssize_t O, Py_ssize_t C, Py_ssize_t
     cdef const double *s1
     cdef const double *s2
     cdef Ctx ctx = _ctx(t == cnp.NPY_FLOAT32, xp, dxp, O, C, I)
-    cdef double *scratch = <double *>malloc((5 * C + 1) * sizeof(double))
-    if scratch == NULL:
-        _oom()
+    cdef double *scratch = _scratch(5, C)
     try:
-        mp = _chan(mean, C, "mean", scratch + 0 * C)
-        ip = _chan(invstd, C, "invstd", scratch + 1 * C)
-        wp = _chan(weight, C, "weight", scratch + 2 * C)
-        s1 = _chan(sum_dy, C, "sum_dy", scratch + 3 * C)
-        s2 = _chan(sum_dy_xmu, C, "sum_dy_xmu", scratch + 4 * C)
+        mp = _chan(mean, C, "mean", scratch + 0 * C, False)
+        ip = _chan(invstd, C, "invstd", scratch + 1 * C, False)
+        wp = _chan(weight, C, "weight", scratch + 2 * C, True)
+        s1 = _chan(sum_dy, C, "sum_dy", scratch + 3 * C, False)
+        s2 = _chan(sum_dy_xmu, C, "sum_dy_xmu", scratch + 4 * C, False)
         if n == 0:
             return
         ctx.dy = dyp
         ctx.y = ym
+        nthreads = _clamp_threads(nthreads)
         with nogil:
             rc = _dx_given(&ctx, mp, ip, wp, s1, s2, count, training, nthreads)
         if rc:
@@ -1114,40 +1434,37 @@ def backward_dx(cnp.ndarray dy, x, y, dx, Py_ssize_t O, Py_ssize_t C, Py_ssize_t
         free(scratch)
 
 
-cpdef backward(cnp.ndarray dy, x, y, dx, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, mean, invstd,
+cpdef backward(dy, x, y, dx, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, mean, invstd,
              weight, bint training, sums, int nthreads):
     """backward_sums then backward_dx over this batch, in one call.
 
     IN dy, x, y (or None), mean, invstd, weight (or None); OUT dx (may be dy),
-    sums = [sum(g) | sum(g * (x - mean))] (2*C float64).
+    sums = [sum(g) | sum(g * (x - mean))] (2*C float64; zeros when outer * inner == 0).
     """
-    cdef int t = _typenum(dy)
-    cdef Py_ssize_t n = O * C * I
+    cdef Py_ssize_t n = _extent(O, C, I)
+    cdef int t = _typenum(dy, "dy")
     cdef const void *dyp = _data(dy, t, n, "dy")
     cdef const void *xp = _data(x, t, n, "x")
     cdef const void *ym = _data(y, t, n, "y") if y is not None else NULL
     cdef void *dxp = _out(dx, t, n, "dx")
     cdef double *sp = <double *>_out(sums, cnp.NPY_FLOAT64, 2 * C, "sums")
     cdef int rc
-    cdef Py_ssize_t c
     cdef const double *mp
     cdef const double *ip
     cdef const double *wp
     cdef Ctx ctx = _ctx(t == cnp.NPY_FLOAT32, xp, dxp, O, C, I)
-    cdef double *scratch = <double *>malloc((3 * C + 1) * sizeof(double))
-    if scratch == NULL:
-        _oom()
+    cdef double *scratch = _scratch(3, C)
     try:
-        mp = _chan(mean, C, "mean", scratch + 0 * C)
-        ip = _chan(invstd, C, "invstd", scratch + 1 * C)
-        wp = _chan(weight, C, "weight", scratch + 2 * C)
+        mp = _chan(mean, C, "mean", scratch + 0 * C, False)
+        ip = _chan(invstd, C, "invstd", scratch + 1 * C, False)
+        wp = _chan(weight, C, "weight", scratch + 2 * C, True)
         if n == 0:
-            for c in range(2 * C):
-                sp[c] = 0
+            memset(sp, 0, 2 * C * sizeof(double))
             return
         ctx.dy = dyp
         ctx.y = ym
         ctx.mean = mp
+        nthreads = _clamp_threads(nthreads)
         with nogil:
             rc = _bwd_sums(&ctx, sp, sp + C, nthreads)
             if rc == 0:
@@ -1169,8 +1486,8 @@ cpdef backward(cnp.ndarray dy, x, y, dx, Py_ssize_t O, Py_ssize_t C, Py_ssize_t 
 
 cdef bint _plain_x(object x, object axis, Py_ssize_t *O, Py_ssize_t *C,
                    Py_ssize_t *I) noexcept:
-    """x is an exact, C-contiguous, non-empty float32/float64 ndarray with ndim >= 2 and axis
-    a plain int in range; sets the canonical (O, C, I)."""
+    """x is an exact, C-contiguous, aligned, native-order, non-empty float32/float64 ndarray
+    with ndim >= 2 and axis a plain int in range; sets the canonical (O, C, I)."""
     cdef cnp.ndarray a
     cdef int t, nd, k, ax
     if not cnp.PyArray_CheckExact(x) or type(axis) is not int:
@@ -1179,8 +1496,8 @@ cdef bint _plain_x(object x, object axis, Py_ssize_t *O, Py_ssize_t *C,
     t = cnp.PyArray_TYPE(a)
     nd = cnp.PyArray_NDIM(a)
     if ((t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64) or nd < 2
-            or not cnp.PyArray_IS_C_CONTIGUOUS(a) or cnp.PyArray_SIZE(a) == 0
-            or not (-nd <= axis < nd)):
+            or not cnp.PyArray_IS_C_CONTIGUOUS(a) or not cnp.PyArray_ISBEHAVED_RO(a)
+            or cnp.PyArray_SIZE(a) == 0 or not (-nd <= axis < nd)):
         return False
     ax = <int>axis
     if ax < 0:
@@ -1196,14 +1513,15 @@ cdef bint _plain_x(object x, object axis, Py_ssize_t *O, Py_ssize_t *C,
 
 
 cdef bint _plain_like(object a, cnp.ndarray x) noexcept:
-    # an exact C-contiguous ndarray of x's dtype and shape
+    # an exact C-contiguous, aligned, native-order ndarray of x's dtype and shape
     return (cnp.PyArray_CheckExact(a) and cnp.PyArray_TYPE(<cnp.ndarray>a) == cnp.PyArray_TYPE(x)
             and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a)
+            and cnp.PyArray_ISBEHAVED_RO(<cnp.ndarray>a)
             and cnp.PyArray_SAMESHAPE(<cnp.ndarray>a, x))
 
 
 cdef bint _plain_chan(object a, Py_ssize_t C, bint writable) noexcept:
-    # None, or an exact C-contiguous float32/float64 ndarray of shape (C,)
+    # None, or an exact C-contiguous, aligned, native-order float32/float64 ndarray of shape (C,)
     cdef cnp.ndarray arr
     cdef int t
     if a is None:
@@ -1214,7 +1532,7 @@ cdef bint _plain_chan(object a, Py_ssize_t C, bint writable) noexcept:
     t = cnp.PyArray_TYPE(arr)
     return ((t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64) and cnp.PyArray_NDIM(arr) == 1
             and cnp.PyArray_DIM(arr, 0) == C and cnp.PyArray_IS_C_CONTIGUOUS(arr)
-            and (not writable or cnp.PyArray_ISWRITEABLE(arr)))
+            and cnp.PyArray_ISBEHAVED_RO(arr) and (not writable or cnp.PyArray_ISWRITEABLE(arr)))
 
 
 cdef int _plain_relu(object activation) noexcept:
@@ -1226,24 +1544,18 @@ cdef int _plain_relu(object activation) noexcept:
     return -1
 
 
-cdef inline bint _plain_unit(object v, double lo, double hi) noexcept:
-    # a Python float in [lo, hi] (NaN fails)
-    return type(v) is float and lo <= <double>v <= hi
-
-
 cdef inline cnp.ndarray _empty_like(object a):
     # a new C-ordered array of a's shape and dtype (a: an ndarray the checks above accepted)
     return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>a), cnp.PyArray_DIMS(<cnp.ndarray>a),
                              cnp.PyArray_TYPE(<cnp.ndarray>a), 0)
 
 
-cdef bint _plain_forward(object x, object weight, object bias, object eps, object axis,
+cdef bint _plain_forward(object x, object weight, object bias, object axis,
                          object activation, Py_ssize_t *O, Py_ssize_t *C, Py_ssize_t *I,
                          int *relu) noexcept:
-    # the arguments every forward shares: x, weight, bias, a finite eps >= 0, the activation
+    # the arguments every forward shares: x, weight, bias, the activation
     relu[0] = _plain_relu(activation)
-    return (relu[0] >= 0 and _plain_x(x, axis, O, C, I) and _plain_unit(eps, 0.0, INFINITY)
-            and eps != INFINITY and _plain_chan(weight, C[0], False)
+    return (relu[0] >= 0 and _plain_x(x, axis, O, C, I) and _plain_chan(weight, C[0], False)
             and _plain_chan(bias, C[0], False))
 
 
@@ -1256,15 +1568,17 @@ cdef tuple _train_forward(object x, object weight, object bias, double eps, bint
     return y, stats
 
 
-def batch_norm_fast(x, weight, bias, running_mean, running_var, bint training, momentum, eps,
-                    axis, activation, int nthreads):
-    """fastbn.functional.batch_norm (no out=) for plain arguments, else None."""
+def batch_norm_fast(x, weight, bias, running_mean, running_var, bint training,
+                    double momentum, double eps, axis, activation, int nthreads):
+    """fastbn.functional.batch_norm (no out=) for plain arrays, else None.
+
+    momentum and eps are taken as given: the caller has validated them."""
     cdef Py_ssize_t O, C, I
     cdef int relu
     cdef cnp.ndarray y, stats
     cdef double n
     cdef const double *sp
-    if (not _plain_forward(x, weight, bias, eps, axis, activation, &O, &C, &I, &relu)
+    if (not _plain_forward(x, weight, bias, axis, activation, &O, &C, &I, &relu)
             or not _plain_chan(running_mean, C, training)
             or not _plain_chan(running_var, C, training)):
         return None
@@ -1276,7 +1590,7 @@ def batch_norm_fast(x, weight, bias, running_mean, running_var, bint training, m
                           nthreads)
         return y
     n = <double>(O * I)
-    if n <= 1 or not _plain_unit(momentum, 0.0, 1.0):
+    if n <= 1:
         return None
     y, stats = _train_forward(x, weight, bias, eps, relu, O, C, I, nthreads)
     sp = <const double *>cnp.PyArray_DATA(stats)
@@ -1299,36 +1613,35 @@ def normalize_fast(x, mean, invstd, weight, bias, axis, activation, int nthreads
     return y
 
 
-def invstd_fast(var, eps):
-    """fastbn.functional.invstd_from_var for a plain 1-D float32/float64 var and float eps, else
-    None: 1/sqrt(var + eps) in float64, 0 where var + eps == 0 (the arithmetic of the NumPy
-    version, value for value)."""
+def invstd_fast(var, double eps):
+    """fastbn.functional.invstd_from_var for a plain 1-D float32/float64 var (eps validated by
+    the caller), else None: 1/sqrt(var + eps) in float64, 0 where var + eps == 0 (the
+    arithmetic of the NumPy version, value for value)."""
     cdef Py_ssize_t c, C
     cdef cnp.ndarray out
     cdef const double *vp
     cdef double *op
-    cdef double e
-    if type(eps) is not float or not cnp.PyArray_CheckExact(var):
+    if not cnp.PyArray_CheckExact(var):
         return None
     if cnp.PyArray_NDIM(<cnp.ndarray>var) != 1:
         return None
     C = cnp.PyArray_DIM(<cnp.ndarray>var, 0)
     if not _plain_chan(var, C, False):
         return None
-    e = eps
     out = cnp.PyArray_EMPTY(1, [C], cnp.NPY_FLOAT64, 0)
     op = <double *>cnp.PyArray_DATA(out)
-    vp = _chan(var, C, "var", op)  # float32 values are widened into out itself
+    vp = _chan(var, C, "var", op, False)  # float32 values are widened into out itself
     for c in range(C):
-        op[c] = _invstd(vp[c], e)
+        op[c] = _invstd(vp[c], eps)
     return out
 
 
-def forward_with_stats_fast(x, weight, bias, eps, axis, activation, int nthreads):
-    """fastbn.functional.forward_with_stats (no out=) for plain arguments, else None."""
+def forward_with_stats_fast(x, weight, bias, double eps, axis, activation, int nthreads):
+    """fastbn.functional.forward_with_stats (no out=) for plain arrays (eps validated by the
+    caller), else None."""
     cdef Py_ssize_t O, C, I
     cdef int relu
-    if (not _plain_forward(x, weight, bias, eps, axis, activation, &O, &C, &I, &relu)
+    if (not _plain_forward(x, weight, bias, axis, activation, &O, &C, &I, &relu)
             or O * I <= 1):
         return None
     y, stats = _train_forward(x, weight, bias, eps, relu, O, C, I, nthreads)
@@ -1365,7 +1678,7 @@ def batch_norm_backward_fast(dy, x, mean, invstd, weight, axis, bint training, a
     if inv == NULL:
         _oom()
     try:
-        ip = _chan(invstd, C, "invstd", inv)
+        ip = _chan(invstd, C, "invstd", inv, False)
         if t == cnp.NPY_FLOAT32:
             for c in range(C):
                 (<float *>cnp.PyArray_DATA(dw))[c] = <float>(sp[C + c] * ip[c])
@@ -1379,19 +1692,32 @@ def batch_norm_backward_fast(dy, x, mean, invstd, weight, axis, bint training, a
     return dx, dw, db
 
 
-def stream_copy(const unsigned char[::1] src, unsigned char[::1] dst, int nthreads):
+def stream_copy(src, dst, int nthreads):
     """dst[:] = src[:] with the kernels' threads: the bandwidth probe of `fastbn bench`.
 
-    IN src; OUT dst (same length). Each thread copies one contiguous equal share (a multiple of
-    64 bytes) in memcpy calls of at most 1 MiB, so no thread idles on rows of a few MiB.
+    IN src; OUT dst (C-contiguous uint8 ndarrays of the same length). Each thread copies one
+    contiguous equal share (a multiple of 64 bytes) in memcpy calls of at most 1 MiB, so no
+    thread idles on rows of a few MiB.
     """
-    cdef Py_ssize_t n = src.shape[0]
-    cdef Py_ssize_t share, t, off, end, step
-    cdef int nt = _nthreads(nthreads, n // 4)
+    cdef Py_ssize_t n, share, t, off, end, step
+    cdef const unsigned char *sp
+    cdef unsigned char *dp
+    cdef int nt
+    for a, name in ((src, "src"), (dst, "dst")):
+        if cnp.PyArray_TYPE(_array(a, name)) != cnp.NPY_UINT8:
+            raise TypeError(f"stream_copy: {name} must be uint8, got {a.dtype}")
+        if not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a):
+            raise ValueError(f"stream_copy: {name} must be C-contiguous")
+    n = cnp.PyArray_SIZE(<cnp.ndarray>src)
+    if cnp.PyArray_SIZE(<cnp.ndarray>dst) != n:
+        raise ValueError(f"stream_copy: dst must have {n} bytes, got {dst.size}")
+    if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>dst):
+        raise ValueError("stream_copy: dst must be writable")
     if n == 0:
         return
-    if dst.shape[0] != n:
-        raise ValueError(f"stream_copy: dst must have {n} bytes, got {dst.shape[0]}")
+    sp = <const unsigned char *>cnp.PyArray_DATA(<cnp.ndarray>src)
+    dp = <unsigned char *>cnp.PyArray_DATA(<cnp.ndarray>dst)
+    nt = _nthreads(_clamp_threads(nthreads), n // 4)
     share = (((n + nt - 1) // nt) + 63) & ~(<Py_ssize_t>63)
     with nogil:
         for t in prange(nt, schedule='static', num_threads=nt, use_threads_if=nt > 1):
@@ -1399,5 +1725,5 @@ def stream_copy(const unsigned char[::1] src, unsigned char[::1] dst, int nthrea
             end = min(n, off + share)
             while off < end:
                 step = min(<Py_ssize_t>(1 << 20), end - off)
-                memcpy(&dst[off], &src[off], step)
+                memcpy(dp + off, sp + off, step)
                 off = off + step  # not `+=`: prange would make it a reduction
