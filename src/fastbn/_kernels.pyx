@@ -1155,9 +1155,10 @@ cdef int _dx_given(Ctx *ctx, const double *mean, const double *invstd, const dou
                    const double *sum_dy, const double *sum_dy_xmu, double count, bint training,
                    int nthreads) noexcept nogil:
     cdef Py_ssize_t C = ctx.channels, c
-    cdef double *buf = <double *> malloc(3 * C * sizeof(double))
+    cdef double *buf = <double *> malloc(4 * C * sizeof(double))
     cdef double a
     cdef int rc
+    cdef const void *x = ctx.x
     if buf == NULL:
         return -1
     for c in range(C):
@@ -1169,11 +1170,18 @@ cdef int _dx_given(Ctx *ctx, const double *mean, const double *invstd, const dou
         else:
             buf[C + c] = 0
             buf[2 * C + c] = 0
+        buf[3 * C + c] = 0
     ctx.mean = mean
+    if not training:
+        # dx = a*g does not depend on x or the mean: read dy in x's place, about a zero mean,
+        # so that a NaN/inf in x or mean (already in the forward's output) stays out of dx.
+        ctx.x = ctx.dy
+        ctx.mean = buf + 3 * C
     ctx.a = buf
     ctx.k = buf + C
     ctx.c = buf + 2 * C
     rc = _bwd_dx(ctx, nthreads)
+    ctx.x = x
     free(buf)
     return rc
 
