@@ -16,9 +16,13 @@ on the thread count), each block is reduced by one thread into its own slots, an
 added in a fixed order. The results are therefore bitwise identical for any number of threads
 and from run to run.
 
-Statistics: sums of x - k and (x - k)^2 with k each channel's first value (one shift for all
-blocks, so blocks merge by addition), returned as (mean, M2) with M2 = sum((x - mean)^2), the
-form fastbn.distributed merges across processes (Chan et al.).
+Statistics: sums of x - k and (x - k)^2 with k the median of each channel's first, middle and
+last value (one shift for all blocks, so blocks merge by addition), returned as (mean, M2) with
+M2 = sum((x - mean)^2), the form fastbn.distributed merges across processes (Chan et al.).
+A channel whose one-pass result cannot be vouched for (non-finite sums, a shift more than 4
+standard deviations from the mean, a variance small enough for squares to have underflowed)
+is recomputed in double by a careful, scaled, compensated three-pass method (_stats), so
+neither the order of the values, nor huge or subnormal scales, cost accuracy.
 """
 cimport cython
 cimport numpy as cnp
