@@ -93,6 +93,19 @@ def invstd(var, eps):
 # kernels never see a NULL pointer).
 
 
+def _partition(cp, O, C, I):
+    """The fixed reduction partition of a canonical (O, C, I) array and its two partial arrays:
+    (grid, nq, sc, sq, chunk, (tw, rb, ntiles) or Nones for NCL, partial1, partial2)."""
+    if I > 1:
+        grid, nq, sc, sq, chunk = _k.ncl_partition(O, C, I)
+        npart, nlc = grid, (None, None, None)
+    else:
+        grid, tw, rb, ntiles, nq, sc, sq, chunk = _k.nlc_partition(O, C)
+        npart, nlc = nq * C, (tw, rb, ntiles)
+    part = cp.empty(2 * npart, dtype=cp.float64)
+    return grid, nq, sc, sq, chunk, nlc, part[:npart], part[npart:]
+
+
 def _stats(cp, x3, *, finalize=False, eps=0.0, weight=None, bias=None):
     """Per-channel mean and M2 of x3; with finalize also (var, invstd, normalisation coefs).
 
@@ -100,14 +113,7 @@ def _stats(cp, x3, *, finalize=False, eps=0.0, weight=None, bias=None):
     """
     O, C, I = (int(s) for s in x3.shape)
     dt = x3.dtype
-    if I > 1:
-        grid, nq, sc, sq, chunk = _k.ncl_partition(O, C, I)
-        npart = grid
-    else:
-        grid, tw, rb, ntiles, nq, sc, sq, chunk = _k.nlc_partition(O, C)
-        npart = nq * C
-    part = cp.empty(2 * npart, dtype=cp.float64)
-    pmean, pm2 = part[:npart], part[npart:]
+    grid, nq, sc, sq, chunk, (tw, rb, ntiles), pmean, pm2 = _partition(cp, O, C, I)
     if I > 1:
         _k.launch(cp, "stats_ncl", dt, grid,
                   (x3, _i64(O), _i32(C), _i64(I), _i64(nq), pmean, pm2))
@@ -154,14 +160,7 @@ def _bwd_sums(cp, dy3, x3, y3, mean, *, finalize=False, invstd=None, weight=None
     dt = x3.dtype
     has_y = y3 is not None
     yy = y3 if has_y else x3
-    if I > 1:
-        grid, nq, sc, sq, _chunk = _k.ncl_partition(O, C, I)
-        npart = grid
-    else:
-        grid, tw, rb, ntiles, nq, sc, sq, _chunk = _k.nlc_partition(O, C)
-        npart = nq * C
-    part = cp.empty(2 * npart, dtype=cp.float64)
-    p1, p2 = part[:npart], part[npart:]
+    grid, nq, sc, sq, _chunk, (tw, rb, ntiles), p1, p2 = _partition(cp, O, C, I)
     if I > 1:
         _k.launch(cp, "bwd_ncl", dt, grid,
                   (dy3, x3, yy, _i32(has_y), _i64(O), _i32(C), _i64(I), _i64(nq), mean, p1, p2))
