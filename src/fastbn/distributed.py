@@ -45,7 +45,6 @@ from .functional import (
     channel_moments,
     invstd_from_var,
     normalize,
-    update_running_stats,
 )
 from . import _validation
 from .layer import BatchNorm
