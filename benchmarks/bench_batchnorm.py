@@ -97,10 +97,10 @@ def _fastbn(op, a, relu):
     x, w, b, rm, rv, ax = a.x, a.w, a.b, a.rm, a.rv, a.axis
     act = "relu" if relu else None
     if op.startswith("fwd-train"):
-        return lambda: fastbn.batch_norm(x, w, b, rm, rv, training=True, momentum=MOMENTUM,
+        return lambda: fastbn.batch_norm(x, rm, rv, w, b, training=True, momentum=MOMENTUM,
                                          eps=EPS, axis=ax, activation=act)
     if op == "fwd-eval":
-        return lambda: fastbn.batch_norm(x, w, b, rm, rv, training=False, eps=EPS, axis=ax)
+        return lambda: fastbn.batch_norm(x, rm, rv, w, b, training=False, eps=EPS, axis=ax)
     dy, mean, invstd, y = a.dy, a.mean, a.invstd, a.y
     return lambda: fastbn.batch_norm_backward(dy, x, mean, invstd, w, axis=ax, activation=act,
                                               y=y)

@@ -88,9 +88,10 @@ class _GpuCase:
     def _fastbn(self, x, dy, w, b, rm, rv):
         ax = self.axis
         if self.op == "forward":
-            return lambda: fastbn.batch_norm(x, w, b, rm, rv, momentum=MOMENTUM, eps=EPS, axis=ax)
+            return lambda: fastbn.batch_norm(x, rm, rv, w, b, training=True, momentum=MOMENTUM,
+                                             eps=EPS, axis=ax)
         if self.op == "forward_eval":
-            return lambda: fastbn.batch_norm(x, w, b, rm, rv, training=False, eps=EPS, axis=ax)
+            return lambda: fastbn.batch_norm(x, rm, rv, w, b, training=False, eps=EPS, axis=ax)
         y, mean, invstd = fastbn.batch_norm_forward(x, w, b, axis=ax)
         return lambda: fastbn.batch_norm_backward(dy, x, mean, invstd, w, axis=ax)
 

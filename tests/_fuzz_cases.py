@@ -737,7 +737,7 @@ def expected_functional(target, before, args, pb):
     tol = tol_for(xdt) if xdt is not None else 1e-10
     stol = tol if xdt is None or xdt.char != "e" else 1e-4  # statistics are float32/float64
     relu = scalar_value(args.get("activation"), "activation")
-    training = scalar_value(args.get("training", True), "training")
+    training = scalar_value(args.get("training", target != "batch_norm"), "training")
     eps = scalar_value(args.get("eps", 1e-5), "eps")
     checks = []
     if x is not None:

@@ -557,16 +557,16 @@ def test_emulated_batch_norm_running_stats_and_inference(cp, shape, axis):
     C = shape[axis]
     rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
     grm, grv = cp.asarray(rm), cp.asarray(rv)
-    y = fastbn.batch_norm(cp.asarray(x), None, None, grm, grv, training=True, momentum=0.3,
+    y = fastbn.batch_norm(cp.asarray(x), grm, grv, None, None, training=True, momentum=0.3,
                           axis=axis)
-    ry = fastbn.batch_norm(x, None, None, rm, rv, training=True, momentum=0.3, axis=axis)
+    ry = fastbn.batch_norm(x, rm, rv, None, None, training=True, momentum=0.3, axis=axis)
     _close(y, ry, TOL[np.float32], "y")
     _close(grm, rm, 1e-6, "running_mean")
     _close(grv, rv, 1e-6, "running_var")
     rv[0] = 0.0  # zero variance and eps = 0: invstd = 0, y = bias
-    y = fastbn.batch_norm(cp.asarray(x), None, cp.asarray(rm), cp.asarray(rm), cp.asarray(rv),
+    y = fastbn.batch_norm(cp.asarray(x), cp.asarray(rm), cp.asarray(rv), None, cp.asarray(rm),
                           training=False, eps=0.0, axis=axis)
-    ry = fastbn.batch_norm(x, None, rm, rm, rv, training=False, eps=0.0, axis=axis)
+    ry = fastbn.batch_norm(x, rm, rv, None, rm, training=False, eps=0.0, axis=axis)
     _close(y, ry, TOL[np.float32], "inference y")
     assert np.isfinite(np.asarray(y)).all()
 

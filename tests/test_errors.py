@@ -90,6 +90,7 @@ def test_batch_norm_rejects_and_writes_nothing(override, exc, match):
     d.update(override)
     before = snapshot(d)
     x = d.pop("x")
+    d.setdefault("training", True)  # fastbn.batch_norm's default is torch's: False
     with pytest.raises(exc, match=match):
         fastbn.batch_norm(x, **d)
     assert_unchanged(before, dict(d, x=x))
@@ -137,8 +138,8 @@ def call_every_function(d):
     y, mean, invstd = fastbn.batch_norm_forward(x, w, b, activation="relu")
     fastbn.batch_norm_backward(np.ones_like(x), x, mean, invstd, w, activation="relu", y=y)
     fastbn.batch_norm_backward(np.ones_like(x), x, mean, invstd, w, training=False)
-    fastbn.batch_norm(x, w, b, d["running_mean"], d["running_var"], training=False)
-    fastbn.batch_norm(x, w, b)  # training without running statistics
+    fastbn.batch_norm(x, d["running_mean"], d["running_var"], w, b, training=False)
+    fastbn.batch_norm(x, None, None, w, b, training=True)  # training without running statistics
     F.channel_moments(x)
     F.normalize(x, mean, invstd, w, b)
     n, s1, s2 = F.backward_sums(np.ones_like(x), x, mean)

@@ -52,7 +52,7 @@ def test_forward_fast_path_is_taken_and_matches_the_general_path(
         with monkeypatch.context() as m:
             _general(m)
             gen_rm, gen_rv = rm.copy(), rv.copy()
-            ref = F.batch_norm(x, w, b, gen_rm, gen_rv, training=training, momentum=0.1,
+            ref = F.batch_norm(x, gen_rm, gen_rv, w, b, training=training, momentum=0.1,
                                eps=1e-5, axis=axis, activation=activation)
         assert y.dtype == ref.dtype and y.shape == ref.shape and y.flags.c_contiguous
         assert np.array_equal(y, ref)

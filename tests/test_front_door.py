@@ -74,7 +74,7 @@ def test_masked_arrays_are_refused_in_every_slot():
     rm = np.ma.zeros(4)
     with pytest.raises(TypeError, match=r"running_mean: expected a writable NumPy array without "
                                         r"a mask"):
-        fastbn.batch_norm(x, None, None, rm, np.ones(4))
+        fastbn.batch_norm(x, rm, np.ones(4), None, None, training=True)
     with pytest.raises(TypeError, match=r"x: expected an array without a mask"):
         fastbn.BatchNorm(4)(m)
 
@@ -97,15 +97,14 @@ def test_non_native_byte_order_is_read_and_written_correctly(use_fast_path, monk
     x = _x()
     w, b = np.linspace(0.5, 2.0, 4), np.linspace(-1.0, 1.0, 4)
     rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
-    y = fastbn.batch_norm(x, w.astype(np.float32), b.astype(np.float32), rm, rv)
+    y = fastbn.batch_norm(x, rm, rv, w.astype(np.float32), b.astype(np.float32), training=True)
     xs, ws, bs = x.astype(">f4"), w.astype(">f4"), b.astype(">f8")
     rms, rvs = np.zeros(4, ">f4"), np.ones(4, ">f4")
-    ys = fastbn.batch_norm(xs, ws, bs, rms, rvs)
+    ys = fastbn.batch_norm(xs, rms, rvs, ws, bs, training=True)
     assert np.array_equal(ys, y)
     assert rms.dtype == ">f4" and np.array_equal(rms, rm) and np.array_equal(rvs, rv)
-    assert np.array_equal(fastbn.batch_norm(xs, ws, bs, rms, rvs, training=False),
-                          fastbn.batch_norm(x, w.astype(np.float32), b.astype(np.float32), rm,
-                                            rv, training=False))
+    assert np.array_equal(fastbn.batch_norm(xs, rms, rvs, ws, bs, training=False),
+                          fastbn.batch_norm(x, rm, rv, w.astype(np.float32), b.astype(np.float32), training=False))
     out = np.empty(x.shape, ">f4")
     assert fastbn.batch_norm_forward(xs, ws, out=out)[0] is out
     assert np.array_equal(out, fastbn.batch_norm_forward(x, w)[0])
@@ -133,7 +132,7 @@ def test_an_empty_training_batch_behaves_as_in_pytorch(shape, axis):
     torch = pytest.importorskip("torch")
     x = np.zeros(shape, np.float32)
     rm, rv = np.full(4, 0.5, np.float32), np.full(4, 2.0, np.float32)
-    y = fastbn.batch_norm(x, None, None, rm, rv, training=True, axis=axis)
+    y = fastbn.batch_norm(x, rm, rv, None, None, training=True, axis=axis)
     t_rm, t_rv = torch.full((4,), 0.5), torch.full((4,), 2.0)
     tx = torch.zeros(shape) if axis == 1 else torch.zeros(shape)
     ty = torch.nn.functional.batch_norm(tx, t_rm, t_rv, training=True)
@@ -213,7 +212,7 @@ def test_update_running_stats_checks_everything_before_writing(general_path):
 def test_eps_is_checked_by_every_function_that_takes_it(value, exc):
     x = _x()
     calls = [lambda: fastbn.batch_norm_forward(x, eps=value),
-             lambda: fastbn.batch_norm(x, eps=value),
+             lambda: fastbn.batch_norm(x, None, None, training=True, eps=value),
              lambda: F.forward_with_stats(x, eps=value),
              lambda: F.invstd_from_var(np.ones(4), value),
              lambda: fastbn.BatchNorm(4, eps=value)]
@@ -227,7 +226,7 @@ def test_training_must_be_a_bool(value):
     x = _x()
     rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
     with pytest.raises(TypeError, match="training: expected a bool"):
-        fastbn.batch_norm(x, None, None, rm, rv, training=value)
+        fastbn.batch_norm(x, rm, rv, None, None, training=value)
     assert np.array_equal(rm, np.zeros(4)) and np.array_equal(rv, np.ones(4))
     _y, mean, invstd = fastbn.batch_norm_forward(x)
     with pytest.raises(TypeError, match="training: expected a bool"):

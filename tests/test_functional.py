@@ -78,7 +78,7 @@ def test_forward_eval_matches_reference(shape, axis, dtype, layout, rng):
     w, b = channel_params(C, rng)
     rm = rng.standard_normal(C)
     rv = rng.uniform(0.5, 2.0, C)
-    y = fastbn.batch_norm(x, w, b, rm.copy(), rv.copy(), training=False, axis=axis, eps=1e-4)
+    y = fastbn.batch_norm(x, rm.copy(), rv.copy(), w, b, training=False, axis=axis, eps=1e-4)
     ry, *_ = ref.forward(x, w, b, axis=axis, eps=1e-4, mean=rm, var=rv)
     assert y.dtype == x.dtype
     assert rel_err(y, ry) < TOL[dtype]
@@ -141,7 +141,7 @@ def test_out_argument_and_in_place(dtype, rng):
     # eval, in place
     xi = x.copy()
     rm, rv = np.zeros(4), np.ones(4)
-    y = fastbn.batch_norm(xi, w, b, rm, rv, training=False, out=xi)
+    y = fastbn.batch_norm(xi, rm, rv, w, b, training=False, out=xi)
     ry, *_ = ref.forward(x, w, b, mean=rm, var=rv)
     assert y is xi and rel_err(xi, ry) < TOL[dtype]
 
@@ -183,7 +183,7 @@ def test_running_stats_update(momentum, rng):
     x = make((7, 3, 11), np.float64, "C", rng)
     rm0, rv0 = rng.standard_normal(3), rng.uniform(0.5, 2, 3)
     rm, rv = rm0.copy(), rv0.copy()
-    fastbn.batch_norm(x, None, None, rm, rv, training=True, momentum=momentum)
+    fastbn.batch_norm(x, rm, rv, None, None, training=True, momentum=momentum)
     xm = x.mean(axis=(0, 2))
     xv = x.var(axis=(0, 2), ddof=1)  # unbiased, as PyTorch's running variance
     np.testing.assert_allclose(rm, (1 - momentum) * rm0 + momentum * xm, rtol=1e-13, atol=1e-15)
@@ -193,7 +193,7 @@ def test_running_stats_update(momentum, rng):
 def test_running_stats_float32_buffers(rng):
     x = make((7, 3, 11), np.float32, "C", rng)
     rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
-    fastbn.batch_norm(x, None, None, rm, rv, momentum=0.1)
+    fastbn.batch_norm(x, rm, rv, None, None, training=True, momentum=0.1)
     assert rm.dtype == np.float32
     xd = x.astype(np.float64)
     np.testing.assert_allclose(rm, 0.1 * xd.mean(axis=(0, 2)), rtol=1e-6)
@@ -268,7 +268,7 @@ def test_inference_gradient_against_finite_differences(rng):
     dy = rng.standard_normal(x.shape)
 
     def loss():
-        return float(np.sum(fastbn.batch_norm(x, w, b, rm, rv, training=False) * dy))
+        return float(np.sum(fastbn.batch_norm(x, rm, rv, w, b, training=False) * dy))
 
     invstd = 1 / np.sqrt(rv + 1e-5)
     dx, dw, db = fastbn.batch_norm_backward(dy, x, rm, invstd, w, training=False)

@@ -143,7 +143,7 @@ def run_all(x, axis, rng_seed=7):
                                             activation="relu", y=y)
     y2, mean2, invstd2 = fastbn.batch_norm_forward(x, w, b, axis=axis)
     dx2, dw2, db2 = fastbn.batch_norm_backward(dy, x, mean2, invstd2, w, axis=axis)
-    ye = fastbn.batch_norm(x, w, b, mean, 1 / invstd**2, training=False, axis=axis)
+    ye = fastbn.batch_norm(x, mean, 1 / invstd**2, w, b, training=False, axis=axis)
     return [y, mean, invstd, dx, dw, db, y2, dx2, dw2, db2, ye]
 
 

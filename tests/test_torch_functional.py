@@ -64,7 +64,7 @@ def test_native_batch_norm_and_backward(shape, dtype, channels_last):
     assert rel_err(db, tdb.numpy(), n * np.abs(dy).max()) < tol
     # running statistics as updated by native_batch_norm (unbiased variance, momentum 0.1)
     frm, frv = np.zeros(C, dtype), np.ones(C, dtype)
-    fastbn.batch_norm(fx, w, b, frm, frv, training=True, momentum=0.1, axis=axis)
+    fastbn.batch_norm(fx, frm, frv, w, b, training=True, momentum=0.1, axis=axis)
     assert rel_err(frm, rm.numpy()) < tol
     assert rel_err(frv, rv.numpy()) < tol
 
@@ -82,12 +82,12 @@ def test_functional_batch_norm_steps(channels_last, momentum):
     for step in range(5):
         x = rng.standard_normal(shape) * (step + 1) + step
         fx, axis, order = fastbn_view(x, channels_last)
-        y = fastbn.batch_norm(fx, w, b, rm, rv, training=True, momentum=momentum, axis=axis)
+        y = fastbn.batch_norm(fx, rm, rv, w, b, training=True, momentum=momentum, axis=axis)
         ty = tF.batch_norm(to_torch(x, channels_last), trm, trv, torch.from_numpy(w),
                            torch.from_numpy(b), training=True, momentum=momentum)
         assert rel_err(back(y, order), ty.numpy()) < 1e-12
         assert rel_err(rm, trm.numpy()) < 1e-12 and rel_err(rv, trv.numpy()) < 1e-12
-    ye = fastbn.batch_norm(fx, w, b, rm, rv, training=False, axis=axis)
+    ye = fastbn.batch_norm(fx, rm, rv, w, b, training=False, axis=axis)
     tye = tF.batch_norm(to_torch(x, channels_last), trm, trv, torch.from_numpy(w),
                         torch.from_numpy(b), training=False)
     assert rel_err(back(ye, order), tye.numpy()) < 1e-12
@@ -109,3 +109,49 @@ def test_relu_fused_matches_torch():
     assert rel_err(dx, tx.grad.numpy()) < 1e-11
     assert rel_err(dw, tw.grad.numpy()) < 1e-11
     assert rel_err(db, tb.grad.numpy()) < 1e-11
+
+
+# torch.nn.functional.batch_norm calls as a PyTorch user writes them, run verbatim against both
+# libraries: the names F, x, rm, rv, w, b are bound to torch (tensors) or fastbn (arrays).
+PORTED_CALLS = [
+    "F.batch_norm(x, rm, rv)",
+    "F.batch_norm(x, rm, rv, w, b)",
+    "F.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5)",
+    "F.batch_norm(x, rm, rv, w, b, True)",
+    "F.batch_norm(x, rm, rv, w, b, True, 0.3, 1e-3)",
+    "F.batch_norm(x, rm, rv, weight=w, bias=b, training=True, momentum=0.2)",
+    "F.batch_norm(x, None, None, w, b, True)",
+    "F.batch_norm(x, None, None, training=True)",
+    "F.batch_norm(x, rm, rv, None, b, training=True, eps=1e-3)",
+    "F.batch_norm(input=x, running_mean=rm, running_var=rv, weight=w, bias=b, training=True)",
+]
+
+
+@pytest.mark.parametrize("call", PORTED_CALLS)
+def test_torch_functional_calls_port_verbatim(call):
+    rng = np.random.default_rng(11)
+    x = (2.0 + 3.0 * rng.standard_normal((6, 4, 5))).astype(np.float32)
+    w, b = rng.uniform(0.5, 2.0, 4).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    rm, rv = rng.standard_normal(4).astype(np.float32), rng.uniform(0.5, 2.0, 4).astype(np.float32)
+    ours = dict(F=fastbn, x=x, w=w, b=b, rm=rm.copy(), rv=rv.copy())
+    theirs = dict(F=torch.nn.functional, x=torch.from_numpy(x), w=torch.from_numpy(w),
+                  b=torch.from_numpy(b), rm=torch.from_numpy(rm.copy()),
+                  rv=torch.from_numpy(rv.copy()))
+    y = eval(call, {}, ours)
+    ty = eval(call, {}, theirs)
+    assert isinstance(y, np.ndarray) and y.shape == tuple(ty.shape)
+    assert rel_err(y, ty.numpy()) < 1e-5, call
+    for k in ("rm", "rv"):
+        assert rel_err(ours[k], theirs[k].numpy()) < 1e-5, (call, k)
+
+
+def test_the_old_fastbn_order_is_not_silently_accepted():
+    # fastbn 0.1's (x, weight, bias, running_mean, running_var) read as torch's order: the
+    # default training=False normalises with what it takes for the running statistics, and
+    # matches torch called the same way, rather than training on them.
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((6, 4)).astype(np.float32)
+    a = [rng.uniform(0.5, 2, 4).astype(np.float32) for _ in range(4)]
+    y = fastbn.batch_norm(x, *a)
+    ty = torch.nn.functional.batch_norm(torch.from_numpy(x), *map(torch.from_numpy, a))
+    assert rel_err(y, ty.numpy()) < 1e-6

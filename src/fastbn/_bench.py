@@ -180,11 +180,11 @@ def _fastbn_call(d, op, reuse):
         act = "relu" if op == "fwd-relu" else None
         rm = np.zeros_like(w)
         rv = np.ones_like(w)
-        return lambda: batch_norm(x, w, b, rm, rv, training=True, momentum=MOMENTUM, eps=EPS,
+        return lambda: batch_norm(x, rm, rv, w, b, training=True, momentum=MOMENTUM, eps=EPS,
                                   axis=ax, activation=act, out=out)
     if op == "fwd-eval":
         rm, rv = d.rm_eval, d.rv_eval
-        return lambda: batch_norm(x, w, b, rm, rv, training=False, eps=EPS, axis=ax, out=out)
+        return lambda: batch_norm(x, rm, rv, w, b, training=False, eps=EPS, axis=ax, out=out)
     dy, mean, invstd = d.dy, d.mean, d.invstd
     if op == "bwd-relu":
         y = d.y_relu

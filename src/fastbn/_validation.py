@@ -155,7 +155,7 @@ def axis(value, ndim, shape):
 # --------------------------------------------------------------------------- array conversion
 
 def _torch_readable(a, name):
-    """A torch tensor as something NumPy can read without a copy (detached: read, never written)."""
+    """A torch tensor as something NumPy reads without a copy (detached: read, never written)."""
     if getattr(a, "requires_grad", False):
         a = a.detach()
     dev = getattr(getattr(a, "device", None), "type", "cpu")

@@ -330,15 +330,41 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     return dest.finish(), dweight, dbias
 
 
-def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, *, training=True,
-               momentum=0.1, eps=1e-5, axis=1, activation=None, out=None):
-    """Batch norm with PyTorch's ``torch.nn.functional.batch_norm`` semantics.
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, axis=1, activation=None, out=None):
+    """``torch.nn.functional.batch_norm``, with its positional order, defaults and semantics.
 
-    training=True normalises with the batch statistics and, when running_mean/running_var are
-    given, updates them in place (unbiased variance, PyTorch's momentum convention); an empty
-    batch leaves them as they are. training=False normalises with running_mean/running_var,
-    which are then required.
+    Parameters
+    ----------
+    input : array, float16/float32/float64, ndim >= 2 (x)
+    running_mean, running_var : (C,) arrays or None
+        training=True: updated in place when given (unbiased batch variance, PyTorch's
+        ``running = (1 - momentum) * running + momentum * batch``); an empty batch leaves them.
+        training=False: the statistics normalised with; both required.
+    weight, bias : (C,) arrays or None (gamma = 1, beta = 0)
+    training : bool, default False (as PyTorch)
+    momentum : float in [0, 1]
+    eps : finite float >= 0, added to the variance
+    axis : keyword only; the feature axis (1 for (N, C, ...), -1 for channels-last)
+    activation : keyword only; None or "relu" (fused in the same pass)
+    out : keyword only; optional output array (input's shape and dtype; ``out=input`` works)
+
+    Returns
+    -------
+    y : array of input's shape and dtype (a NumPy array for any CPU input).
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    >>> rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    >>> y = fastbn.batch_norm(x, rm, rv, training=True)   # torch.nn.functional.batch_norm order
+    >>> np.round(y[:, 0], 3)
+    array([-1.342, -0.447,  0.447,  1.342], dtype=float32)
+    >>> rm
+    array([0.45, 0.55, 0.65], dtype=float32)
     """
+    x = input
     training = V.flag(training, "training")
     eps = V.eps(eps)
     momentum = V.momentum(momentum)

@@ -133,13 +133,13 @@ def test_batch_norm_running_stats_and_inference(dtype):
     rm, rv = np.zeros(6, dtype), np.ones(6, dtype)
     grm, grv = cupy.asarray(rm), cupy.asarray(rv)
     for _ in range(3):
-        y = fastbn.batch_norm(cupy.asarray(x), None, None, grm, grv, momentum=0.3)
-        ry = fastbn.batch_norm(x, None, None, rm, rv, momentum=0.3)
+        y = fastbn.batch_norm(cupy.asarray(x), grm, grv, None, None, training=True, momentum=0.3)
+        ry = fastbn.batch_norm(x, rm, rv, None, None, training=True, momentum=0.3)
         _close(y, ry, TOL[dtype], "train y")
     _close(grm, rm, 1e-6, "running_mean")
     _close(grv, rv, 1e-6, "running_var")
-    y = fastbn.batch_norm(cupy.asarray(x), None, None, grm, grv, training=False)
-    _close(y, fastbn.batch_norm(x, None, None, rm, rv, training=False), TOL[dtype], "eval y")
+    y = fastbn.batch_norm(cupy.asarray(x), grm, grv, None, None, training=False)
+    _close(y, fastbn.batch_norm(x, rm, rv, None, None, training=False), TOL[dtype], "eval y")
 
 
 @pytest.mark.parametrize("shape,axis", [((64, 8, 64, 64), 1), ((64, 64, 64, 8), -1)], ids=str)

@@ -98,13 +98,13 @@ def _fastbn_call(d, op):
 
     x, w, b = d.x, d.w, d.b
     if op == "fwd-train":
-        return lambda: fastbn.batch_norm(x, w, b, d.rm, d.rv, momentum=MOMENTUM, eps=EPS,
-                                         axis=d.axis)
+        return lambda: fastbn.batch_norm(x, d.rm, d.rv, w, b, training=True, momentum=MOMENTUM,
+                                         eps=EPS, axis=d.axis)
     if op == "fwd-relu":
-        return lambda: fastbn.batch_norm(x, w, b, d.rm, d.rv, momentum=MOMENTUM, eps=EPS,
-                                         axis=d.axis, activation="relu")
+        return lambda: fastbn.batch_norm(x, d.rm, d.rv, w, b, training=True, momentum=MOMENTUM,
+                                         eps=EPS, axis=d.axis, activation="relu")
     if op == "fwd-eval":
-        return lambda: fastbn.batch_norm(x, w, b, d.rm, d.rv, training=False, eps=EPS,
+        return lambda: fastbn.batch_norm(x, d.rm, d.rv, w, b, training=False, eps=EPS,
                                          axis=d.axis)
     if op == "bwd-train":
         return lambda: fastbn.batch_norm_backward(d.dy, x, d.mean, d.invstd, w, axis=d.axis)
