@@ -82,7 +82,8 @@ class MLP:
         pairs = []
         for lin in self.linear_layers():
             pairs += [(lin.weight, lin.grad_weight), (lin.bias, lin.grad_bias)]
-        pairs += [(self.bn1.weight, self.bn1.grad_weight), (self.bn1.bias, self.bn1.grad_bias)]
+        # the layer's module protocol: its parameters and, beside them, their gradients
+        pairs += [(p, g) for p, (_name, g) in zip(self.bn1.parameters(), self.bn1.named_grads())]
         return pairs
 
     def zero_grad(self):

@@ -15,9 +15,9 @@ except ImportError as exc:  # pragma: no cover - depends on the machine
 
 from ._threads import get_num_threads, openmp_enabled, set_num_threads
 from .functional import batch_norm, batch_norm_backward, batch_norm_forward
-from .layer import BatchNorm
+from .layer import BatchNorm, select_state_dict
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "BatchNorm",
@@ -26,6 +26,7 @@ __all__ = [
     "batch_norm_forward",
     "get_num_threads",
     "openmp_enabled",
+    "select_state_dict",
     "set_num_threads",
 ]
 

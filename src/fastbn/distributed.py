@@ -443,7 +443,7 @@ class SyncBatchNorm(BatchNorm):
 
     # ----------------------------------------------------------------- forward / backward
 
-    def forward(self, x):
+    def forward(self, x, *, training=None):
         """Normalise x with the whole batch's statistics (training) or the running ones (eval).
 
         Collective in training mode (and always with ``track_running_stats=False``): every
@@ -451,18 +451,18 @@ class SyncBatchNorm(BatchNorm):
         statistics follow BatchNorm's policy, with the whole batch's statistics.
         """
         self._group.check_notices()
-        return super().forward(x)
+        return super().forward(x, training=training)
 
     __call__ = forward
 
-    def _batch_forward(self, x):
+    def _batch_forward(self, x, training):
         def local():
             nonlocal x
             x = self._check_input(x)  # the layer is on the CPU: refuses CuPy arrays
             n, mean, m2 = channel_moments(x, axis=self._axis)
             # Counts travel as float64: exact up to 2**53 values per channel.
             payload = np.concatenate([np.full(1, float(n)), mean, m2])
-            return self._fields(x, self.training), payload
+            return self._fields(x, training), payload
 
         gathered = self._synchronise(_OP_FORWARD, local)
         C = self._num_features
@@ -509,11 +509,8 @@ class SyncBatchNorm(BatchNorm):
         dx = backward_dx(dy, ctx.x, ctx.mean, ctx.invstd, sum_dy, sum_dy_xmu, ctx.count,
                          ctx.weight, axis=ctx.axis, training=True,
                          activation=ctx.activation, y=ctx.y)
-        if self._affine:
-            cdt = _compute_dtype(ctx.x.dtype)
-            self.grad_weight = self._accumulate(self.grad_weight,
-                                                (sum_dy_xmu * ctx.invstd).astype(cdt))
-            self.grad_bias = self._accumulate(self.grad_bias, sum_dy.astype(cdt))
+        cdt = _compute_dtype(ctx.x.dtype)
+        self._accumulate_grads((sum_dy_xmu * ctx.invstd).astype(cdt), sum_dy.astype(cdt))
         return dx
 
     # ----------------------------------------------------------------- device, copies

@@ -31,7 +31,7 @@ from .functional import (
     update_running_stats,
 )
 
-__all__ = ["BatchNorm", "IncompatibleKeys"]
+__all__ = ["BatchNorm", "IncompatibleKeys", "select_state_dict"]
 
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
@@ -60,6 +60,14 @@ class _Context:
 
 
 # --------------------------------------------------------------------------- helpers
+
+def select_state_dict(state_dict, prefix):
+    """The entries of a model's state dict under ``prefix`` (``"layer1.0.bn1."``), with the
+    prefix stripped: what one layer's ``load_state_dict`` takes. ``prefix=""`` gives them all."""
+    V.state_mapping(state_dict)
+    return {k[len(prefix):]: v for k, v in state_dict.items()
+            if isinstance(k, str) and k.startswith(prefix)}
+
 
 def _import_cupy(what):
     try:
@@ -132,6 +140,7 @@ class BatchNorm:
         self._num_batches_tracked = 0 if self._track else None
         self.grad_weight = None
         self.grad_bias = None
+        self._requires_grad = True
         self._local = threading.local()
 
     # ----------------------------------------------------------------- options
@@ -269,6 +278,70 @@ class BatchNorm:
     def _xp(self):
         return _import_cupy("BatchNorm") if self._device == "gpu" else np
 
+    # ----------------------------------------------------------------- module protocol
+    # Shaped like torch.nn.Module's, so that training loops written against it (optimizers
+    # iterating named parameters, checkpointing buffers) work on fastbn layers as they are.
+
+    def named_parameters(self, prefix=""):
+        """(name, array) for ``weight`` and ``bias`` (none when ``affine=False``): the layer's
+        own arrays, which an optimizer updates in place."""
+        if self._affine:
+            yield prefix + "weight", self._weight
+            yield prefix + "bias", self._bias
+
+    def parameters(self):
+        """The arrays of :meth:`named_parameters`."""
+        for _name, p in self.named_parameters():
+            yield p
+
+    def named_grads(self, prefix=""):
+        """(name, gradient) beside each parameter, in the same order: ``grad_weight`` and
+        ``grad_bias``, None until a backward has accumulated into them (like ``.grad``)."""
+        if self._affine:
+            yield prefix + "weight", self.grad_weight
+            yield prefix + "bias", self.grad_bias
+
+    def named_buffers(self, prefix=""):
+        """(name, value) of the running statistics (none when ``track_running_stats=False``):
+        ``running_mean`` and ``running_var`` are the layer's own arrays; ``num_batches_tracked``
+        is a 0-d int64 array holding the count (a copy: the layer keeps a Python int)."""
+        if self._track:
+            yield prefix + "running_mean", self._running_mean
+            yield prefix + "running_var", self._running_var
+            yield prefix + "num_batches_tracked", self._xp().asarray(
+                self._num_batches_tracked, dtype=np.int64)
+
+    def buffers(self):
+        """The values of :meth:`named_buffers`."""
+        for _name, b in self.named_buffers():
+            yield b
+
+    @property
+    def requires_grad(self):
+        """Whether ``backward`` accumulates into ``grad_weight``/``grad_bias`` (False: frozen)."""
+        return self._requires_grad
+
+    def requires_grad_(self, requires_grad=True):
+        """Freeze (False) or unfreeze weight and bias, as torch's ``Module.requires_grad_``:
+        a frozen layer's backward still returns dx but accumulates no parameter gradient.
+        Returns self."""
+        self._requires_grad = V.flag(requires_grad, "requires_grad")
+        return self
+
+    def reset_running_stats(self):
+        """running_mean = 0, running_var = 1, num_batches_tracked = 0 (in place)."""
+        if self._track:
+            self._running_mean[...] = 0
+            self._running_var[...] = 1
+            self._num_batches_tracked = 0
+
+    def reset_parameters(self):
+        """The running statistics reset, weight = 1 and bias = 0 (in place), as PyTorch's."""
+        self.reset_running_stats()
+        if self._affine:
+            self._weight[...] = 1
+            self._bias[...] = 0
+
     # ----------------------------------------------------------------- forward / backward
 
     @property
@@ -285,26 +358,29 @@ class BatchNorm:
         x = self._to_own_module("x", x)
         return V.layer_input(x, self._dtype, self._num_features, self._axis)
 
-    def forward(self, x):
+    def forward(self, x, *, training=None):
         """Normalise x; in training mode also update the running statistics.
 
         Training mode, or ``track_running_stats=False``: batch statistics. Eval mode with
-        running statistics: those. Returns y with x's shape and dtype. An empty batch (no value
-        per channel) returns an empty y and, in training, counts in ``num_batches_tracked``
-        but leaves the running statistics as they are (PyTorch's behaviour).
+        running statistics: those. ``training=True``/``False`` overrides the layer's mode for
+        this call only (Keras's ``layer(x, training=...)``); None uses ``self.training``.
+        Returns y with x's shape and dtype. An empty batch (no value per channel) returns an
+        empty y and, in training, counts in ``num_batches_tracked`` but leaves the running
+        statistics as they are (PyTorch's behaviour).
         """
+        training = self.training if training is None else V.flag(training, "training")
         w, b = self._weight, self._bias
-        batch_stats = self.training or not self._track
+        batch_stats = training or not self._track
         if batch_stats:
             # Raises (bad x, one value per channel, ...) before any state below is touched.
-            x, y, mean, invstd, var, count = self._batch_forward(x)
+            x, y, mean, invstd, var, count = self._batch_forward(x, training)
         else:
             x = self._check_input(x)
             mean = self._running_mean.astype(np.float64)
             invstd = invstd_from_var(self._running_var, self._eps)
             var = count = None
             y = normalize(x, mean, invstd, w, b, axis=self._axis, activation=self._activation)
-        if self.training and self._track:
+        if training and self._track:
             self._update_running(mean, var, count)
         self._ctx = _Context(
             x, y if self._activation == "relu" else None, mean, invstd,
@@ -312,7 +388,7 @@ class BatchNorm:
         )
         return y
 
-    def _batch_forward(self, x):
+    def _batch_forward(self, x, training):
         """(x checked, y, mean, invstd, var, count) with this batch's statistics.
 
         The one thing SyncBatchNorm overrides: its statistics are the whole batch's, across
@@ -350,10 +426,14 @@ class BatchNorm:
             dy, ctx.x, ctx.mean, ctx.invstd, ctx.weight, axis=ctx.axis, training=ctx.training,
             activation=ctx.activation, y=ctx.y,
         )
-        if self._affine:
+        self._accumulate_grads(dweight, dbias)
+        return dx
+
+    def _accumulate_grads(self, dweight, dbias):
+        """Add this backward's parameter gradients (nothing when frozen or not affine)."""
+        if self._affine and self._requires_grad:
             self.grad_weight = self._accumulate(self.grad_weight, dweight)
             self.grad_bias = self._accumulate(self.grad_bias, dbias)
-        return dx
 
     def _accumulate(self, grad, delta):
         if grad is None:
@@ -371,49 +451,61 @@ class BatchNorm:
             keys += ["running_mean", "running_var", "num_batches_tracked"]
         return keys
 
-    def state_dict(self):
+    def state_dict(self, *, destination=None, prefix=""):
         """Copies of the state under PyTorch's keys, as arrays of the layer's device.
 
         ``num_batches_tracked`` is a 0-d int64 array, as ``module.state_dict()`` converted
         with ``.numpy()`` gives it. Unlike PyTorch's, the arrays do not share memory with the
-        layer: the result is a snapshot.
+        layer: the result is a snapshot. ``prefix`` is put before every key and
+        ``destination`` (a dict) is filled and returned instead of a new one, as in torch, so
+        that a model's layers build one dict. For torch's ``load_state_dict`` convert the
+        arrays to tensors: ``{k: torch.from_numpy(v) for k, v in bn.state_dict().items()}``
+        (or ``fastbn.torch.state_dict_to_torch``).
         """
-        xp = self._xp()
-        out = {}
-        for k in self._state_keys():
-            if k == "num_batches_tracked":
-                out[k] = xp.asarray(self._num_batches_tracked, dtype=xp.int64)
-            else:
-                out[k] = getattr(self, "_" + k).copy()
+        out = {} if destination is None else destination
+        for k, v in self.named_parameters(prefix):
+            out[k] = v.copy()
+        for k, v in self.named_buffers(prefix):
+            out[k] = v.copy()
         return out
 
-    def load_state_dict(self, state_dict, strict=True):
-        """Load state saved by ``state_dict()`` here or by a PyTorch BatchNorm (as arrays).
+    def load_state_dict(self, state_dict, strict=True, *, prefix=""):
+        """Load state saved by ``state_dict()`` here or by a PyTorch BatchNorm (tensors or
+        arrays).
 
         Values are copied into the existing arrays (cast to the layer's dtype, moved to its
-        device). With ``strict`` (the default) missing or unexpected keys raise ValueError;
-        without, they are reported in the returned ``IncompatibleKeys(missing_keys,
-        unexpected_keys)``. Shapes and dtypes are always checked. Everything is validated
-        before anything is assigned: a failed call changes nothing.
+        device). ``prefix`` selects this layer's keys out of a model's dict (``"layer1.0.bn1."``):
+        keys that do not start with it are ignored. With ``strict`` (the default) missing or
+        unexpected keys (among those with the prefix) raise ValueError; without, they are
+        reported in the returned ``IncompatibleKeys(missing_keys, unexpected_keys)``. A dict
+        without ``num_batches_tracked`` (PyTorch's version-1 checkpoints) loads under
+        ``strict`` and keeps the layer's count, as PyTorch does. Shapes and dtypes are always
+        checked. Everything is validated before anything is assigned: a failed call changes
+        nothing.
         """
         V.state_mapping(state_dict)
         strict = V.flag(strict, "strict")
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix: expected a str, got {type(prefix).__name__}")
+        own = select_state_dict(state_dict, prefix)
         expected = self._state_keys()
-        missing = [k for k in expected if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in expected]
+        optional = ("num_batches_tracked",)  # filled in from the layer, as torch does
+        missing = [prefix + k for k in expected if k not in own and k not in optional]
+        unexpected = [prefix + k for k in own if k not in expected]
         if strict and (missing or unexpected):
             raise ValueError(
-                f"state_dict: expected exactly the keys {expected}; missing {missing}, "
-                f"unexpected {unexpected} (pass strict=False to load the keys that match)"
+                f"state_dict: expected exactly the keys {[prefix + k for k in expected]}; "
+                f"missing {missing}, unexpected {unexpected} (pass strict=False to load the "
+                "keys that match)"
             )
         staged = {}
         for k in expected:
-            if k not in state_dict:
+            if k not in own:
                 continue
             if k == "num_batches_tracked":
-                staged[k] = self._stage_count(state_dict[k])
+                staged[k] = self._stage_count(own[k])
             else:
-                staged[k] = self._stage_channel(k, state_dict[k])
+                staged[k] = self._stage_channel(prefix + k, own[k])
         for k, v in staged.items():
             if k == "num_batches_tracked":
                 self._num_batches_tracked = v
@@ -461,4 +553,8 @@ class BatchNorm:
             s += f", activation={self._activation!r}"
         if self._dtype != np.float32:
             s += f", dtype={self._dtype.name}"
+        if self._device != "cpu":
+            s += f", device={self._device!r}"
+        if not self._requires_grad:
+            s += ", requires_grad=False"
         return s + ")"

@@ -215,18 +215,19 @@ class BatchNorm1d(Layer):
         dy = _check_batch(dy, self.num_features, "dy").astype(self.dtype, copy=False)
         return self.bn.backward(dy)
 
+    # fastbn.BatchNorm's module protocol: its parameters, their gradients beside them, and its
+    # buffers (running statistics)
     def parameters(self):
-        return [self.bn.weight, self.bn.bias]
+        return list(self.bn.parameters())
 
     def gradients(self):
-        return [self.bn.grad_weight, self.bn.grad_bias]
+        return [g for _name, g in self.bn.named_grads()]
 
     def zero_grad(self):
         self.bn.zero_grad(set_to_none=False)
 
     def buffers(self):
-        return {k: np.array(v, copy=True) for k, v in self.bn.state_dict().items()
-                if k not in ("weight", "bias")}
+        return {k: np.array(v, copy=True) for k, v in self.bn.named_buffers()}
 
     def load_buffers(self, state):
         # Written in place (not via load_state_dict) so that no array is rebound.
