@@ -17,7 +17,7 @@ from ._threads import get_num_threads, openmp_enabled, set_num_threads
 from .functional import batch_norm, batch_norm_backward, batch_norm_forward
 from .layer import BatchNorm, select_state_dict
 
-__version__ = "0.2.0.dev0"
+from ._version import __version__
 
 __all__ = [
     "BatchNorm",
