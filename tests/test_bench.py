@@ -147,3 +147,119 @@ def test_torch_thp_option_is_recorded(tmp_path, capsys, monkeypatch):
         meta = json.load(f)["meta"]
     assert meta["THP_MEM_ALLOC_ENABLE"] == "1"
     assert "THP_MEM_ALLOC_ENABLE=1 (now: 1" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- ResNet-50 suite
+
+def test_resnet50_layers_follow_the_architecture():
+    layers = _bench.resnet50_layers()
+    assert len(layers) == 53
+    names = [n for n, _ in layers]
+    assert len(set(names)) == 53
+    assert layers[0] == ("bn1", (16, 64, 112, 112))
+    assert layers[-1] == ("layer4.2.bn3", (16, 2048, 7, 7))
+    shapes = dict(layers)
+    # v1.5: the stride is on conv2, so bn1 of a first block sees the input resolution
+    assert shapes["layer2.0.bn1"] == (16, 128, 56, 56)
+    assert shapes["layer2.0.bn2"] == (16, 128, 28, 28)
+    assert shapes["layer3.0.bn1"] == (16, 256, 28, 28)
+    assert shapes["layer4.0.bn1"] == (16, 512, 14, 14)
+    assert shapes["layer1.0.downsample.1"] == (16, 256, 56, 56)
+    assert shapes["layer4.0.downsample.1"] == (16, 2048, 7, 7)
+    assert [n for n in names if "downsample" in n] == [
+        f"layer{i}.0.downsample.1" for i in (1, 2, 3, 4)]
+    for li, (width, blocks, res) in enumerate([(64, 3, 56), (128, 4, 28), (256, 6, 14),
+                                               (512, 3, 7)], 1):
+        stage = [(n, s) for n, s in layers if n.startswith(f"layer{li}.")]
+        assert len(stage) == 3 * blocks + 1
+        for n, (N, C, H, W) in stage:
+            assert N == 16 and H == W
+            assert C == (width if n.endswith(("bn1", "bn2")) else 4 * width), n
+            if not (li > 1 and n == f"layer{li}.0.bn1"):
+                assert H == res, n
+    # the distinct shapes, each in both layouts, carry the network's multiplicity
+    rows = _bench.select_rows(suite="resnet50")
+    assert len(rows) == 24
+    for layout in ("nchw", "nhwc"):
+        lr = [r for r in rows if r.layout == layout]
+        assert len(lr) == 12 and sum(r.count for r in lr) == 53
+        assert sorted(n for r in lr for n in r.layers) == sorted(names)
+        for r in lr:
+            assert all(shapes[n] == r.nchw for n in r.layers)
+            assert r.channels == r.nchw[1]
+    assert {r.name: r.count for r in rows}["nhwc-16x14x14x256-f32"] == 11
+    assert {r.name: r.count for r in rows}["nchw-16x2048x7x7-f32"] == 4
+    assert _bench.select_rows("nhwc", suite="resnet50")[0].axis == -1
+    # the default suite is unchanged
+    assert not any("resnet50" in r.tags for r in _bench.select_rows())
+
+
+def test_asv_resnet50_layers_match_the_bench(monkeypatch):
+    # benchmarks/ may use fastbn's public API only, so it writes the layers out itself.
+    import importlib
+    import pathlib
+
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[1]))
+    mod = importlib.import_module("benchmarks.bench_resnet")
+    assert mod.resnet50_layers() == _bench.resnet50_layers()
+    assert len(mod.LAYERS) == 53
+
+
+def test_resnet50_suite_smoke(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(_bench._kernels, "cpu_level", lambda: "x86-64-test", raising=False)
+    path = tmp_path / "rn.json"
+    rc = _bench.main(["--suite", "resnet50", "--rows", "16x512x7x7,16x7x7x2048",
+                      "--threads", "1,2", "--repeat", "2", "--sample-ms", "0.2",
+                      "--json", str(path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    with open(path) as f:
+        data = json.load(f)
+    assert data["meta"]["suite"] == "resnet50"
+    assert data["meta"]["kernels_cpu_level"] == "x86-64-test"
+    assert "kernels' CPU level: x86-64-test" in out
+    assert data["meta"]["ops"] == ["fwd-train", "bwd-train", "fwd-eval"]
+    have_torch = "torch" in data["meta"]["impls"]
+    assert "numpy" not in data["meta"]["impls"]
+    ns = data["resnet50"]
+    assert ns["layers_in_network"] == 53
+    assert sorted((n["layout"], n["threads"]) for n in ns["network"]) == [
+        ("nchw", 1), ("nchw", 2), ("nhwc", 1), ("nhwc", 2)]
+    by = {(r["row"], r["threads"], r["op"]): r for r in data["results"]}
+    for n in ns["network"]:
+        ents = [e for e in ns["shapes"] if e["layout"] == n["layout"]
+                and e["threads"] == n["threads"]]
+        assert len(ents) == 1 and n["layers"] == ents[0]["count"] == (
+            5 if n["layout"] == "nchw" else 4)
+        e = ents[0]
+        for impl in ("fastbn", "torch") if have_torch else ("fastbn",):
+            med = {op: by[(e["row"], n["threads"], op)]["times"][impl]["median"]
+                   for op in _bench.RESNET50_OPS}
+            assert n["train_step"][impl] == pytest.approx(
+                e["count"] * (med["fwd-train"] + med["bwd-train"]))
+            assert n["inference"][impl] == pytest.approx(e["count"] * med["fwd-eval"])
+            assert e["train_step"][impl] == pytest.approx(med["fwd-train"] + med["bwd-train"])
+        if have_torch:
+            assert n["train_step"]["torch_over_fastbn"] == pytest.approx(
+                n["train_step"]["torch"] / n["train_step"]["fastbn"])
+    if have_torch:
+        worst = ns["worst_layer_op"]
+        qs = [e[op]["torch_over_fastbn"] for e in ns["shapes"] for op in _bench.RESNET50_OPS]
+        assert worst["torch_over_fastbn"] == pytest.approx(min(qs))
+        assert "worst single layer-op:" in out
+        for r in data["results"]:
+            assert r["check"]["torch"] <= 1e-3
+    assert "all batch-norm layers per step, fastbn vs PyTorch" in out
+    assert "PARTIAL: 5 of 53" in out and "PARTIAL: 4 of 53" in out
+    assert "== ResNet-50 batch 16 NCHW, threads = 2 ==" in out
+
+
+def test_cpu_level_absent_is_na(capsys, monkeypatch):
+    monkeypatch.delattr(_bench._kernels, "cpu_level", raising=False)
+    assert _bench.kernels_cpu_level() is None
+    monkeypatch.setattr(_bench._kernels, "cpu_level", lambda: "x86-64-v4", raising=False)
+    assert _bench.kernels_cpu_level() == "x86-64-v4"
+    meta = dict(_bench.machine_info(None), repeat=1, sample_ms=1, reuse=False,
+                impls=["fastbn"])
+    meta["kernels_cpu_level"] = None
+    assert "kernels' CPU level: n/a" in _bench._header(meta)

@@ -167,7 +167,8 @@ def main(argv=None):
         return _bench.main(argv[1:])
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        print("\nusage: python -m fastbn [bench [--gpu] [options]]   (python -m fastbn bench --help)")
+        print("\nusage: python -m fastbn [bench [--gpu] [options]]   (python -m fastbn bench --help;"
+              "\n       python -m fastbn bench --suite resnet50: ResNet-50's batch-norm layers)")
         return 0
     if argv:
         print(f"fastbn: unknown command {argv[0]!r}; expected nothing or 'bench'", file=sys.stderr)

@@ -108,9 +108,67 @@ SUITE = (
 SUBSETS = ("all", "nc", "nchw", "nhwc", "f32", "f64", "tiny", "large", "small")
 
 
-def select_rows(subset="all", patterns=None):
-    """Rows of SUITE in the tag group ``subset`` whose name contains one of ``patterns``."""
-    rows = [r for r in SUITE if subset == "all" or subset in r.tags]
+# --------------------------------------------------------------------------- ResNet-50 suite
+
+RESNET50_BATCH = 16
+RESNET50_OPS = ("fwd-train", "bwd-train", "fwd-eval")  # training step = the first two
+
+
+def resnet50_layers(batch=RESNET50_BATCH):
+    """The 53 batch-norm layers of torchvision's ``resnet50`` on 224x224 inputs, forward order.
+
+    [(module name, (N, C, H, W))], written out from the architecture (torchvision is not
+    needed): the stem's bn1 at 112x112 (after the stride-2 7x7 conv; the max pool then halves
+    to 56x56), then layer1..layer4 of [3, 4, 6, 3] Bottleneck blocks of widths 64/128/256/512,
+    expansion 4. ResNet v1.5, as torchvision: the stride 2 of the first block of layers 2-4 is
+    on conv2 (the 3x3), so bn1 sees the block's input resolution and bn2, bn3 and the
+    downsample's bn (``downsample.1``, first block of each layer) the output resolution.
+    """
+    layers = [("bn1", (batch, 64, 112, 112))]
+    res = 56
+    for li, (width, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3)), 1):
+        for bi in range(blocks):
+            out = res // 2 if (bi == 0 and li > 1) else res
+            name = f"layer{li}.{bi}."
+            layers.append((name + "bn1", (batch, width, res, res)))
+            layers.append((name + "bn2", (batch, width, out, out)))
+            layers.append((name + "bn3", (batch, 4 * width, out, out)))
+            if bi == 0:
+                layers.append((name + "downsample.1", (batch, 4 * width, out, out)))
+            res = out
+    return layers
+
+
+class NetRow(Row):
+    """A distinct layer shape of a network: timed once, counted ``count`` times in its sums."""
+
+    __slots__ = ("net", "nchw", "count", "layers")
+
+    def __init__(self, net, layout, nchw, layers, dtype="float32"):
+        super().__init__(layout, _nhwc(*nchw) if layout == "nhwc" else nchw, dtype)
+        self.tags = self.tags | {net}
+        self.net = net
+        self.nchw = tuple(nchw)
+        self.layers = tuple(layers)
+        self.count = len(self.layers)
+
+
+def _net_rows(net, layers):
+    by_shape = {}
+    for name, shape in layers:  # first appearance keeps the network's order
+        by_shape.setdefault(tuple(shape), []).append(name)
+    return tuple(NetRow(net, layout, shape, names)
+                 for layout in ("nchw", "nhwc") for shape, names in by_shape.items())
+
+
+RESNET50_LAYERS = tuple(resnet50_layers())
+RESNET50 = _net_rows("resnet50", RESNET50_LAYERS)
+SUITES = {"shapes": SUITE, "resnet50": RESNET50}
+
+
+def select_rows(subset="all", patterns=None, suite="shapes"):
+    """Rows of ``suite`` in the tag group ``subset`` whose name contains one of ``patterns``."""
+    rows = [r for r in SUITES[suite] if subset == "all" or subset in r.tags]
     if patterns:
         rows = [r for r in rows if any(p in r.name for p in patterns)]
     return rows
@@ -395,12 +453,23 @@ def summarize(samples):
 # --------------------------------------------------------------------------- machine
 
 def cpu_model():
-    """The CPU's model name: /proc/cpuinfo, else lscpu, else platform."""
+    """The CPU's model name: /proc/cpuinfo, else lscpu, else platform.
+
+    /proc/cpuinfo's family and model numbers follow the name: a virtual machine may show a
+    bare "AMD EPYC", which the numbers pin down (family 26 = Zen 5).
+    """
     try:
+        fields = {}
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip().lower(), value.strip())
+        if fields.get("model name"):
+            fam, mod = fields.get("cpu family"), fields.get("model")
+            return fields["model name"] + (f" (family {fam} model {mod})"
+                                           if fam and mod is not None else "")
     except OSError:
         pass
     try:
@@ -446,9 +515,23 @@ def _openmp_libraries():
         return []
 
 
+def kernels_cpu_level():
+    """``fastbn._kernels.cpu_level()`` (the instruction-set level the kernels run, e.g.
+    "x86-64-v4") where this build has it, else None."""
+    f = getattr(_kernels, "cpu_level", None)
+    if f is None:
+        return None
+    try:
+        level = f() if callable(f) else f
+    except Exception as e:  # a report, not a failure: say what went wrong
+        return f"error ({type(e).__name__}: {e})"
+    return None if level is None else str(level)
+
+
 def machine_info(torch):
     return {
         "cpu": cpu_model(),
+        "kernels_cpu_level": kernels_cpu_level(),
         "logical_cpus": os.cpu_count(),
         "caches": _cache_sizes(),
         "python": platform.python_version(),
@@ -682,9 +765,12 @@ def summary(results, threads):
 
 
 def _header(meta):
+    names = {"fastbn": "fastbn", "torch": "PyTorch", "numpy": "NumPy"}
     lines = [
-        "fastbn bench: fastbn vs PyTorch vs NumPy, same arrays, interleaved rounds",
-        f"CPU: {meta['cpu']} ({meta['logical_cpus']} logical CPUs; caches "
+        f"fastbn bench ({meta.get('suite', 'shapes')} suite): "
+        + " vs ".join(names[i] for i in meta["impls"]) + ", same arrays, interleaved rounds",
+        f"CPU: {meta['cpu']}; kernels' CPU level: {meta['kernels_cpu_level'] or 'n/a'} "
+        f"({meta['logical_cpus']} logical CPUs; caches "
         f"{', '.join(f'{k} {v}' for k, v in meta['caches'].items()) or 'unknown'})",
         f"numpy {meta['numpy']}, torch {meta['torch'] or 'not installed'}, python "
         f"{meta['python']}, fastbn OpenMP {'on' if meta['fastbn_openmp'] else 'OFF'}; "
@@ -820,7 +906,7 @@ def format_summary(s, threads, meta):
     elif len(meta["impls"]) > 1:
         names = {"torch": "PyTorch", "numpy": "NumPy"}
         others = " and ".join(names[i] for i in meta["impls"] if i != "fastbn")
-        lines.append(f"outputs: {others} agree with fastbn on every row (y or dx; "
+        lines.append(f"outputs: {others} {'agree' if ' and ' in others else 'agrees'} with fastbn on every row (y or dx; "
                      "rel. max diff <= 1e-3 float32, 1e-9 float64)")
     load = meta.get("load_average_start")
     if load is not None and load > 0.5:
@@ -830,7 +916,174 @@ def format_summary(s, threads, meta):
                      "at the end, this run included): other processes competed for the "
                      "cores; multithreaded timings are not trustworthy, rerun on a quiet "
                      "machine")
-    lines.append(f"CPU: {meta['cpu']}")
+    lines.append(f"CPU: {meta['cpu']}; kernels' CPU level: {meta['kernels_cpu_level'] or 'n/a'}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- network suite report
+
+def _t(r, impl, key="median"):
+    t = r["times"].get(impl) if r is not None else None
+    return None if t is None else t[key]
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b is not None and b > 0 else None
+
+
+def network_summary(results, rows, threads, net_layers):
+    """Per distinct shape and whole-network figures of a network suite (``NetRow`` rows).
+
+    Each distinct shape is timed once; the network sums weight its median per call by the
+    number of the network's layers of that shape. A training step is fwd-train + bwd-train of
+    every layer, an inference fwd-eval of every layer. ``*_min`` sums use the minima instead of
+    the medians: a second look at the same run, less exposed to a noisy machine.
+    """
+    by = {(r["row"], r["threads"], r["op"]): r for r in results}
+    layouts = [lo for lo in ("nchw", "nhwc") if any(r.layout == lo for r in rows)]
+    out = {"layers_in_network": len(net_layers), "method": (
+        "each distinct layer shape timed once; network sums = sum over distinct shapes of "
+        "count x median per call; training step = fwd-train + bwd-train, inference = fwd-eval"),
+        "shapes": [], "network": [], "worst_layer_op": None, "layer_ops_slower_than_torch": []}
+    worst = None
+    for lo in layouts:
+        lrows = [r for r in rows if r.layout == lo]
+        for nt in threads:
+            tot = {}
+            for row in lrows:
+                ent = {"layout": lo, "row": row.name, "nchw": list(row.nchw),
+                       "count": row.count, "layers": list(row.layers), "threads": nt}
+                for op in RESNET50_OPS:
+                    r = by.get((row.name, nt, op))
+                    ent[op] = {impl: _t(r, impl) for impl in ("fastbn", "torch")}
+                    ent[op]["torch_over_fastbn"] = _ratio(ent[op]["torch"], ent[op]["fastbn"])
+                    for impl in ("fastbn", "torch"):
+                        for key in ("median", "min"):
+                            v = _t(r, impl, key)
+                            k = (op, impl, key)
+                            # None poisons the sum: a missing op leaves no partial total.
+                            tot[k] = None if v is None or (k in tot and tot[k] is None) else \
+                                tot.get(k, 0.0) + row.count * v
+                    q = ent[op]["torch_over_fastbn"]
+                    if q is not None:
+                        tag = {"layout": lo, "row": row.name, "op": op, "threads": nt,
+                               "count": row.count, "torch_over_fastbn": q}
+                        if worst is None or q < worst["torch_over_fastbn"]:
+                            worst = tag
+                        if q < 1:
+                            out["layer_ops_slower_than_torch"].append(tag)
+                step = {impl: (None if ent["fwd-train"][impl] is None
+                               or ent["bwd-train"][impl] is None
+                               else ent["fwd-train"][impl] + ent["bwd-train"][impl])
+                        for impl in ("fastbn", "torch")}
+                step["torch_over_fastbn"] = _ratio(step["torch"], step["fastbn"])
+                ent["train_step"] = step
+                out["shapes"].append(ent)
+
+            def total(ops, impl, key="median"):
+                vals = [tot.get((op, impl, key)) for op in ops]
+                return None if any(v is None for v in vals) else sum(vals)
+
+            net = {"layout": lo, "threads": nt, "layers": sum(r.count for r in lrows),
+                   "distinct_shapes": len(lrows)}
+            for name, ops in (("train_step", ("fwd-train", "bwd-train")),
+                              ("inference", ("fwd-eval",)), ("fwd-train", ("fwd-train",)),
+                              ("bwd-train", ("bwd-train",))):
+                fb, pt = total(ops, "fastbn"), total(ops, "torch")
+                net[name] = {"fastbn": fb, "torch": pt, "torch_over_fastbn": _ratio(pt, fb),
+                             "torch_over_fastbn_min": _ratio(total(ops, "torch", "min"),
+                                                             total(ops, "fastbn", "min"))}
+            out["network"].append(net)
+    out["worst_layer_op"] = worst
+    return out
+
+
+_NCOLS = ("{:<20} {:>3} {:<22} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>6} {:>8} {:>8} {:>6} "
+          "{:>5}")
+
+
+def _fr(q):
+    return f"{q:.2f}" if q is not None else "-"
+
+
+def _short_layers(names):
+    return names[0] if len(names) == 1 else f"{names[0]} +{len(names) - 1}"
+
+
+def format_network(ns, results, threads, title):
+    """A table per layout and thread count, then the whole-network headline."""
+    # The widest interquartile range / median of the row's fastbn and PyTorch samples, all ops.
+    iqr = {}
+    for r in results:
+        k = (r["row"], r["threads"])
+        iqr[k] = max([iqr.get(k, 0.0)] + [r["times"][i]["iqr_rel"] for i in ("fastbn", "torch")
+                                           if i in r["times"]])
+    lines = []
+    for lo in ("nchw", "nhwc"):
+        for nt in threads:
+            ents = [e for e in ns["shapes"] if e["layout"] == lo and e["threads"] == nt]
+            if not ents:
+                continue
+            net = next(n for n in ns["network"] if n["layout"] == lo and n["threads"] == nt)
+            lines.append("")
+            what = ("NCHW" if lo == "nchw" else
+                    "channels-last: fastbn (N,H,W,C) axis=-1, PyTorch channels_last")
+            lines.append(f"== {title} {what}, threads = {nt} ==")
+            lines.append(_NCOLS.format("shape (N,C,H,W)", "x", "layers", "fwd fb", "fwd pt",
+                                       "bwd fb", "bwd pt", "step fb", "step pt", "pt/fb",
+                                       "eval fb", "eval pt", "pt/fb", "iqr"))
+            for e in ents:
+                f, b, v, st = e["fwd-train"], e["bwd-train"], e["fwd-eval"], e["train_step"]
+                spread = iqr.get((e["row"], nt), 0.0)
+                lines.append(_NCOLS.format(
+                    "x".join(map(str, e["nchw"])), e["count"], _short_layers(e["layers"]),
+                    _fmt_time(f["fastbn"]), _fmt_time(f["torch"]), _fmt_time(b["fastbn"]),
+                    _fmt_time(b["torch"]), _fmt_time(st["fastbn"]), _fmt_time(st["torch"]),
+                    _fr(st["torch_over_fastbn"]), _fmt_time(v["fastbn"]),
+                    _fmt_time(v["torch"]), _fr(v["torch_over_fastbn"]),
+                    f"{100 * spread:.0f}%"))
+            ts, inf = net["train_step"], net["inference"]
+            lines.append(_NCOLS.format(
+                "network sum", net["layers"], f"({net['distinct_shapes']} shapes x count)",
+                _fmt_time(net["fwd-train"]["fastbn"]), _fmt_time(net["fwd-train"]["torch"]),
+                _fmt_time(net["bwd-train"]["fastbn"]), _fmt_time(net["bwd-train"]["torch"]),
+                _fmt_time(ts["fastbn"]), _fmt_time(ts["torch"]), _fr(ts["torch_over_fastbn"]),
+                _fmt_time(inf["fastbn"]), _fmt_time(inf["torch"]),
+                _fr(inf["torch_over_fastbn"]), ""))
+    lines.append("")
+    n_all = ns["layers_in_network"]
+    lines.append(f"== {title}: all batch-norm layers per step, fastbn vs PyTorch ==")
+    lines.append(f"each distinct shape is timed once and counted as often as the network has "
+                 f"it ({n_all} layers); per-call medians; pt/fb = PyTorch time / fastbn time "
+                 "(> 1: fastbn faster); [on minima]")
+    lines.append("{:<7} {:>7} {:>6} | {:>9} {:>9} {:>5} {:>6} | {:>9} {:>9} {:>5} {:>6}".format(
+        "layout", "threads", "layers", "step fb", "step pt", "pt/fb", "[min]", "infer fb",
+        "infer pt", "pt/fb", "[min]"))
+    for net in ns["network"]:
+        ts, inf = net["train_step"], net["inference"]
+        partial = "" if net["layers"] == n_all else f"  (PARTIAL: {net['layers']} of {n_all})"
+        lines.append("{:<7} {:>7} {:>6} | {:>9} {:>9} {:>5} {:>6} | {:>9} {:>9} {:>5} {:>6}{}"
+                     .format(net["layout"], net["threads"], net["layers"],
+                             _fmt_time(ts["fastbn"]), _fmt_time(ts["torch"]),
+                             _fr(ts["torch_over_fastbn"]),
+                             f"[{_fr(ts['torch_over_fastbn_min'])}]",
+                             _fmt_time(inf["fastbn"]), _fmt_time(inf["torch"]),
+                             _fr(inf["torch_over_fastbn"]),
+                             f"[{_fr(inf['torch_over_fastbn_min'])}]", partial))
+    w = ns["worst_layer_op"]
+    if w is not None:
+        n_ops = sum(1 for e in ns["shapes"] for op in RESNET50_OPS
+                    if e[op]["torch_over_fastbn"] is not None)
+        slow = ns["layer_ops_slower_than_torch"]
+        lines.append(f"worst single layer-op: {w['row']} {w['op']} t={w['threads']} "
+                     f"(x{w['count']} in the network): pt/fb {w['torch_over_fastbn']:.2f}; "
+                     f"layer-ops where fastbn is slower than PyTorch: {len(slow)}/{n_ops}"
+                     + (": " + ", ".join(f"{x['row']} {x['op']} t={x['threads']} "
+                                         f"({x['torch_over_fastbn']:.2f})"
+                                         for x in sorted(slow, key=lambda x:
+                                                         x["torch_over_fastbn"])[:_WORST])
+                        if slow else "")
+                     + (" ..." if len(slow) > _WORST else ""))
     return "\n".join(lines)
 
 
@@ -840,19 +1093,32 @@ def _parser():
     p = argparse.ArgumentParser(
         prog="python -m fastbn bench",
         description="Time fastbn, PyTorch and NumPy batch norm side by side against the "
-                    "memory floor measured in the same run.")
+                    "memory floor measured in the same run.",
+        epilog="--suite resnet50: every batch-norm layer of torchvision's ResNet-50 at batch "
+               f"{RESNET50_BATCH}, 224x224 (53 layers, 12 distinct shapes, each timed once "
+               "and counted as often as the network has it), NCHW and channels-last; "
+               "defaults there: --ops fwd-train,bwd-train,fwd-eval, --impls fastbn,torch. "
+               "It prints a table per layout and thread count and the whole-network sum per "
+               "training step (fwd-train + bwd-train) and per inference (fwd-eval), fastbn vs "
+               "PyTorch, and the worst single layer-op. --subset and --rows select within "
+               "the suite (e.g. --suite resnet50 --subset nhwc).")
+    p.add_argument("--suite", choices=tuple(SUITES), default="shapes",
+                   help="shapes: the synthetic rows (default); resnet50: the batch-norm "
+                        "layers of ResNet-50 with whole-network sums (see below)")
     p.add_argument("--subset", choices=SUBSETS, default="all",
-                   help="a group of rows (default: all)")
+                   help="a group of rows of the suite (default: all)")
     p.add_argument("--rows", default=None,
                    help="comma-separated substrings matched against row names, e.g. "
                         "'nhwc,4096x1024' (see --list)")
-    p.add_argument("--ops", default=",".join(OPS),
-                   help=f"comma-separated ops (default: {','.join(OPS)})")
+    p.add_argument("--ops", default=None,
+                   help=f"comma-separated ops (default: {','.join(OPS)}; resnet50: "
+                        f"{','.join(RESNET50_OPS)})")
     p.add_argument("--threads", default="1,2",
                    help="comma-separated thread counts (default: 1,2)")
-    p.add_argument("--impls", default=",".join(IMPLS),
+    p.add_argument("--impls", default=None,
                    help="comma-separated implementations to time besides fastbn "
-                        "(default: fastbn,torch,numpy; torch is skipped when not installed)")
+                        "(default: fastbn,torch,numpy; resnet50: fastbn,torch; torch is "
+                        "skipped when not installed)")
     p.add_argument("--repeat", type=int, default=None,
                    help="rounds per measurement (default 7, --quick 3)")
     p.add_argument("--sample-ms", type=float, default=None,
@@ -901,6 +1167,11 @@ def _json_safe(obj):
 def main(argv=None):
     """Run the benchmark; ``argv`` holds the options after ``bench``. Returns 0."""
     args = _parser().parse_args(argv)
+    net = args.suite != "shapes"
+    if args.ops is None:
+        args.ops = ",".join(RESNET50_OPS if net else OPS)
+    if args.impls is None:
+        args.impls = "fastbn,torch" if net else ",".join(IMPLS)
     ops = _split(args.ops, "ops", tuple(OPS))
     threads = _split(args.threads, "threads", conv=int)
     if any(n < 1 for n in threads):
@@ -913,11 +1184,12 @@ def main(argv=None):
         raise SystemExit(f"--repeat: expected a positive integer, got {repeat}")
     sample_ms = args.sample_ms if args.sample_ms is not None else (1.0 if args.quick else 5.0)
     patterns = _split(args.rows, "rows") if args.rows else None
-    rows = select_rows(args.subset, patterns)
+    rows = select_rows(args.subset, patterns, args.suite)
     if args.list:
         for r in rows:
+            extra = (f"  x{r.count}: {','.join(r.layers)}" if isinstance(r, NetRow) else "")
             print(f"{r.name:<26} {r.nbytes / MB:8.2f} MB  axis={r.axis}  "
-                  f"tags={','.join(sorted(r.tags))}")
+                  f"tags={','.join(sorted(r.tags))}{extra}")
         return 0
     if not rows:
         raise SystemExit("no rows selected (see --list)")
@@ -926,8 +1198,9 @@ def main(argv=None):
     if torch is None and "torch" in impls:
         impls.remove("torch")
     meta = machine_info(torch)
-    meta.update(repeat=repeat, sample_ms=sample_ms, reuse=args.reuse, threads=threads,
-                ops=ops, impls=impls, bytes_model={op: c for op, (c, _) in OPS.items()},
+    meta.update(suite=args.suite, repeat=repeat, sample_ms=sample_ms, reuse=args.reuse,
+                threads=threads, ops=ops, impls=impls,
+                bytes_model={op: c for op, (c, _) in OPS.items()},
                 layout_note="nhwc rows: fastbn gets the (N,H,W,C) array with axis=-1")
     print(_header(meta), flush=True)
     over = [n for n in threads if n > (os.cpu_count() or 1)]
@@ -947,10 +1220,16 @@ def main(argv=None):
             torch.set_num_threads(torch_threads)
     meta["load_average_end"] = _load_average()
     s = summary(results, threads)
-    print(format_table(results, threads, impls))
+    doc = {"meta": meta, "results": results, "summary": s}
+    if net:
+        # The network's own tables replace the per-row one (its rows are all in --json).
+        doc[args.suite] = ns = network_summary(results, rows, threads, RESNET50_LAYERS)
+        print(format_network(ns, results, threads, f"ResNet-50 batch {RESNET50_BATCH}"))
+        print("\nper-row figures of the same run (each distinct shape once; floor, checks):")
+    else:
+        print(format_table(results, threads, impls))
     print(format_summary(s, threads, meta), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(_json_safe({"meta": meta, "results": results, "summary": s}), f,
-                      indent=1)
+            json.dump(_json_safe(doc), f, indent=1)
     return 0
