@@ -219,8 +219,8 @@ def _check_headers(headers, what):
 
 _yield = getattr(os, "sched_yield", lambda: time.sleep(0))
 _SPIN_S = 0.01       # seconds of busy polling before a waiting rank starts to sleep
-_GROUPS = []          # one _Group per user communicator, looked up by comparison
-_ABANDONED = []       # requests and buffers of timed-out collectives: MPI may still write them
+_GROUPS: list = []    # one _Group per user communicator, looked up by comparison
+_ABANDONED: list = []  # requests and buffers of timed-out collectives: MPI may still write them
 _LAYER_IDS = itertools.count()
 
 

@@ -28,6 +28,10 @@ Empty batches (no value per channel: N = 0 or a zero spatial extent) behave as i
 output is empty, running statistics are left as they are, and the gradients of weight and bias
 are zero. The statistics returned for them are mean 0, variance 0 (count 0).
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
 import numpy as np
 
 from . import _cpu, _kernels
@@ -35,6 +39,9 @@ from . import _validation as V
 from ._backend import is_cupy_array
 from ._layout import Layout, Output
 from ._threads import get_num_threads
+
+if TYPE_CHECKING:
+    from ._typing import Activation, Array, ArrayLike, F64Array
 
 __all__ = [
     "batch_norm",
@@ -63,11 +70,11 @@ def _backend(a):
     return _cpu
 
 
-def _array(be, a, name):
+def _array(be, a, name) -> Array:
     return V.numpy_array(a, name) if be is _cpu else be.array(a, name)
 
 
-def _input(be, x, axis):
+def _input(be, x, axis) -> tuple[Array, Layout]:
     """x converted and checked, with its canonical layout."""
     x = V.batch(V.floating(_array(be, x, "x"), "x"))
     return x, Layout(be.xp, x, V.axis(axis, x.ndim, x.shape))
@@ -89,7 +96,7 @@ def _running(be, a, name, C, written):
     return V.channel(V.writable(a, name, be.xp), name, C)
 
 
-def _like(be, a, name, x):
+def _like(be, a, name, x) -> Array:
     return V.like(V.floating(_array(be, a, name), name), name, x)
 
 
@@ -118,7 +125,7 @@ def _empty(layout):
 
 # --------------------------------------------------------------------------- building blocks
 
-def channel_moments(x, *, axis=1):
+def channel_moments(x: ArrayLike, *, axis: int = 1) -> tuple[int, F64Array, F64Array]:
     """Per-channel (count, mean, M2) of x, M2 = sum((x - mean)**2), all float64.
 
     The triple merges exactly across batches or processes (Chan et al.); ``var = M2 / count``.
@@ -132,7 +139,9 @@ def channel_moments(x, *, axis=1):
     return layout.count, mean, m2
 
 
-def normalize(x, mean, invstd, weight=None, bias=None, *, axis=1, activation=None, out=None):
+def normalize(x: ArrayLike, mean: ArrayLike, invstd: ArrayLike, weight: Optional[ArrayLike] = None,
+              bias: Optional[ArrayLike] = None, *, axis: int = 1,
+              activation: Activation = None, out: Optional[Array] = None) -> Array:
     """y = (x - mean) * invstd * weight + bias per channel (then ReLU), for given statistics."""
     if out is None:
         y = _kernels.normalize_fast(x, mean, invstd, weight, bias, axis, activation,
@@ -162,7 +171,9 @@ def _grad_inputs(be, layout, dy, x, y):
             None if y is None else layout.canon(y, cdt))
 
 
-def backward_sums(dy, x, mean, *, axis=1, activation=None, y=None):
+def backward_sums(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, *, axis: int = 1,
+                  activation: Activation = None,
+                  y: Optional[ArrayLike] = None) -> tuple[int, F64Array, F64Array]:
     """Per channel: (count, sum(g), sum(g * (x - mean))) with g = dy, or dy masked by y > 0."""
     be = _backend(x)
     x, layout = _input(be, x, axis)
@@ -176,8 +187,10 @@ def backward_sums(dy, x, mean, *, axis=1, activation=None, y=None):
     return layout.count, s1, s2
 
 
-def backward_dx(dy, x, mean, invstd, sum_dy, sum_dy_xmu, count, weight=None, *, axis=1,
-                training=True, activation=None, y=None):
+def backward_dx(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
+                sum_dy: ArrayLike, sum_dy_xmu: ArrayLike, count: float,
+                weight: Optional[ArrayLike] = None, *, axis: int = 1, training: bool = True,
+                activation: Activation = None, y: Optional[ArrayLike] = None) -> Array:
     """dx of batch norm from per-channel sums (see backward_sums) taken over ``count`` values.
 
     ``count`` is the number of values the sums were taken over (more than this x holds when
@@ -204,7 +217,7 @@ def backward_dx(dy, x, mean, invstd, sum_dy, sum_dy_xmu, count, weight=None, *, 
     return dest.finish()
 
 
-def invstd_from_var(var, eps):
+def invstd_from_var(var: ArrayLike, eps: float) -> F64Array:
     """1/sqrt(var + eps) of a 1-D array of variances, in float64; 0 where var + eps == 0
     (x_hat = 0 there, as in the kernels)."""
     eps = V.eps(eps)
@@ -217,7 +230,8 @@ def invstd_from_var(var, eps):
     return be.invstd(var, eps)
 
 
-def update_running_stats(running_mean, running_var, mean, var, count, momentum):
+def update_running_stats(running_mean: Optional[Array], running_var: Optional[Array],
+                         mean: ArrayLike, var: ArrayLike, count: float, momentum: float) -> None:
     """PyTorch's update, in place: running = (1 - momentum) * running + momentum * batch.
 
     The running variance takes the unbiased batch variance, var * count / (count - 1).
@@ -238,8 +252,10 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum):
 
 # --------------------------------------------------------------------------- public API
 
-def batch_norm_forward(x, weight=None, bias=None, *, axis=1, eps=1e-5, activation=None,
-                       out=None):
+def batch_norm_forward(x: ArrayLike, weight: Optional[ArrayLike] = None,
+                       bias: Optional[ArrayLike] = None, *, axis: int = 1, eps: float = 1e-5,
+                       activation: Activation = None,
+                       out: Optional[Array] = None) -> tuple[Array, F64Array, F64Array]:
     """Training-mode batch norm: normalise x with its own batch statistics.
 
     Parameters
@@ -261,8 +277,10 @@ def batch_norm_forward(x, weight=None, bias=None, *, axis=1, eps=1e-5, activatio
     return y, mean, invstd
 
 
-def forward_with_stats(x, weight=None, bias=None, *, axis=1, eps=1e-5, activation=None,
-                       out=None):
+def forward_with_stats(x: ArrayLike, weight: Optional[ArrayLike] = None,
+                       bias: Optional[ArrayLike] = None, *, axis: int = 1, eps: float = 1e-5,
+                       activation: Activation = None, out: Optional[Array] = None
+                       ) -> tuple[Array, F64Array, F64Array, F64Array, int]:
     """batch_norm_forward that also returns the biased batch variance and the count per channel.
 
     Returns (y, mean, invstd, var, count).
@@ -295,8 +313,10 @@ def _forward_train(be, x, layout, weight, bias, eps, relu, out):
     return dest.finish(), mean, invstd, var
 
 
-def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=True,
-                        activation=None, y=None):
+def batch_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
+                        weight: Optional[ArrayLike] = None, *, axis: int = 1,
+                        training: bool = True, activation: Activation = None,
+                        y: Optional[ArrayLike] = None) -> tuple[Array, Array, Array]:
     """Gradients of batch norm: returns (dx, dweight, dbias).
 
     ``mean`` and ``invstd`` are what the forward used: the batch statistics from
@@ -330,8 +350,11 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, training=Tr
     return dest.finish(), dweight, dbias
 
 
-def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, *, axis=1, activation=None, out=None):
+def batch_norm(input: ArrayLike, running_mean: Optional[ArrayLike],
+               running_var: Optional[ArrayLike], weight: Optional[ArrayLike] = None,
+               bias: Optional[ArrayLike] = None, training: bool = False, momentum: float = 0.1,
+               eps: float = 1e-5, *, axis: int = 1, activation: Activation = None,
+               out: Optional[Array] = None) -> Array:
     """``torch.nn.functional.batch_norm``, with its positional order, defaults and semantics.
 
     Parameters

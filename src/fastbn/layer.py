@@ -16,8 +16,11 @@ statistics and the accumulated gradients then depend on the interleaving), as th
 PyTorch; use one layer per thread, or a lock, to train concurrently. Concurrent eval-mode
 forwards on one layer are safe.
 """
+from __future__ import annotations
+
 import threading
 from collections import namedtuple
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
 
 import numpy as np
 
@@ -30,6 +33,9 @@ from .functional import (
     normalize,
     update_running_stats,
 )
+
+if TYPE_CHECKING:
+    from ._typing import Activation, Array, ArrayLike
 
 __all__ = ["BatchNorm", "IncompatibleKeys", "select_state_dict"]
 
@@ -61,7 +67,7 @@ class _Context:
 
 # --------------------------------------------------------------------------- helpers
 
-def select_state_dict(state_dict, prefix):
+def select_state_dict(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     """The entries of a model's state dict under ``prefix`` (``"layer1.0.bn1."``), with the
     prefix stripped: what one layer's ``load_state_dict`` takes. ``prefix=""`` gives them all."""
     V.state_mapping(state_dict)
@@ -119,8 +125,10 @@ class BatchNorm:
     Pickling, ``copy.deepcopy`` and a change of device drop the cache.
     """
 
-    def __init__(self, num_features, *, axis=1, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, activation=None, dtype=np.float32):
+    def __init__(self, num_features: int, *, axis: int = 1, eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, activation: Activation = None,
+                 dtype: Any = np.float32) -> None:
         self._num_features = V.num_features(num_features)
         self._axis = V.integer(axis, "axis")
         self._eps = V.eps(eps)
@@ -133,13 +141,14 @@ class BatchNorm:
         self.training = True
         self._device = "cpu"
         C, dt = self._num_features, self._dtype
-        self._weight = np.ones(C, dt) if self._affine else None
-        self._bias = np.zeros(C, dt) if self._affine else None
-        self._running_mean = np.zeros(C, dt) if self._track else None
-        self._running_var = np.ones(C, dt) if self._track else None
-        self._num_batches_tracked = 0 if self._track else None
-        self.grad_weight = None
-        self.grad_bias = None
+        # NumPy arrays, or CuPy arrays after .to("gpu"); None where the options say so
+        self._weight: Any = np.ones(C, dt) if self._affine else None
+        self._bias: Any = np.zeros(C, dt) if self._affine else None
+        self._running_mean: Any = np.zeros(C, dt) if self._track else None
+        self._running_var: Any = np.ones(C, dt) if self._track else None
+        self._num_batches_tracked: Any = 0 if self._track else None
+        self.grad_weight: Any = None
+        self.grad_bias: Any = None
         self._requires_grad = True
         self._local = threading.local()
 
@@ -253,16 +262,16 @@ class BatchNorm:
 
     # ----------------------------------------------------------------- modes
 
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> BatchNorm:
         """Training mode (batch statistics, running statistics updated); returns self."""
         self.training = V.flag(mode, "mode")
         return self
 
-    def eval(self):
+    def eval(self) -> BatchNorm:
         """Evaluation mode (running statistics when tracked); returns self."""
         return self.train(False)
 
-    def zero_grad(self, set_to_none=True):
+    def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset grad_weight/grad_bias: to None (PyTorch's default) or, in place, to zeros."""
         if V.flag(set_to_none, "set_to_none"):
             self.grad_weight = None
@@ -282,26 +291,26 @@ class BatchNorm:
     # Shaped like torch.nn.Module's, so that training loops written against it (optimizers
     # iterating named parameters, checkpointing buffers) work on fastbn layers as they are.
 
-    def named_parameters(self, prefix=""):
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Array]]:
         """(name, array) for ``weight`` and ``bias`` (none when ``affine=False``): the layer's
         own arrays, which an optimizer updates in place."""
         if self._affine:
             yield prefix + "weight", self._weight
             yield prefix + "bias", self._bias
 
-    def parameters(self):
+    def parameters(self) -> Iterator[Array]:
         """The arrays of :meth:`named_parameters`."""
         for _name, p in self.named_parameters():
             yield p
 
-    def named_grads(self, prefix=""):
+    def named_grads(self, prefix: str = "") -> Iterator[tuple[str, Optional[Array]]]:
         """(name, gradient) beside each parameter, in the same order: ``grad_weight`` and
         ``grad_bias``, None until a backward has accumulated into them (like ``.grad``)."""
         if self._affine:
             yield prefix + "weight", self.grad_weight
             yield prefix + "bias", self.grad_bias
 
-    def named_buffers(self, prefix=""):
+    def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, Array]]:
         """(name, value) of the running statistics (none when ``track_running_stats=False``):
         ``running_mean`` and ``running_var`` are the layer's own arrays; ``num_batches_tracked``
         is a 0-d int64 array holding the count (a copy: the layer keeps a Python int)."""
@@ -311,31 +320,31 @@ class BatchNorm:
             yield prefix + "num_batches_tracked", self._xp().asarray(
                 self._num_batches_tracked, dtype=np.int64)
 
-    def buffers(self):
+    def buffers(self) -> Iterator[Array]:
         """The values of :meth:`named_buffers`."""
         for _name, b in self.named_buffers():
             yield b
 
     @property
-    def requires_grad(self):
+    def requires_grad(self) -> bool:
         """Whether ``backward`` accumulates into ``grad_weight``/``grad_bias`` (False: frozen)."""
         return self._requires_grad
 
-    def requires_grad_(self, requires_grad=True):
+    def requires_grad_(self, requires_grad: bool = True) -> BatchNorm:
         """Freeze (False) or unfreeze weight and bias, as torch's ``Module.requires_grad_``:
         a frozen layer's backward still returns dx but accumulates no parameter gradient.
         Returns self."""
         self._requires_grad = V.flag(requires_grad, "requires_grad")
         return self
 
-    def reset_running_stats(self):
+    def reset_running_stats(self) -> None:
         """running_mean = 0, running_var = 1, num_batches_tracked = 0 (in place)."""
         if self._track:
             self._running_mean[...] = 0
             self._running_var[...] = 1
             self._num_batches_tracked = 0
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         """The running statistics reset, weight = 1 and bias = 0 (in place), as PyTorch's."""
         self.reset_running_stats()
         if self._affine:
@@ -358,7 +367,7 @@ class BatchNorm:
         x = self._to_own_module("x", x)
         return V.layer_input(x, self._dtype, self._num_features, self._axis)
 
-    def forward(self, x, *, training=None):
+    def forward(self, x: ArrayLike, *, training: Optional[bool] = None) -> Array:
         """Normalise x; in training mode also update the running statistics.
 
         Training mode, or ``track_running_stats=False``: batch statistics. Eval mode with
@@ -407,7 +416,7 @@ class BatchNorm:
 
     __call__ = forward
 
-    def backward(self, dy):
+    def backward(self, dy: ArrayLike) -> Array:
         """Gradient through the last successful forward: returns dx, accumulates parameter grads.
 
         dx has x's dtype. ``grad_weight``/``grad_bias`` (the layer's dtype) are None until the
@@ -451,7 +460,8 @@ class BatchNorm:
             keys += ["running_mean", "running_var", "num_batches_tracked"]
         return keys
 
-    def state_dict(self, *, destination=None, prefix=""):
+    def state_dict(self, *, destination: Optional[dict[str, Any]] = None,
+                   prefix: str = "") -> dict[str, Any]:
         """Copies of the state under PyTorch's keys, as arrays of the layer's device.
 
         ``num_batches_tracked`` is a 0-d int64 array, as ``module.state_dict()`` converted
@@ -469,7 +479,8 @@ class BatchNorm:
             out[k] = v.copy()
         return out
 
-    def load_state_dict(self, state_dict, strict=True, *, prefix=""):
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, *,
+                        prefix: str = "") -> IncompatibleKeys:
         """Load state saved by ``state_dict()`` here or by a PyTorch BatchNorm (tensors or
         arrays).
 
@@ -524,7 +535,7 @@ class BatchNorm:
 
     # ----------------------------------------------------------------- device
 
-    def to(self, device):
+    def to(self, device: str) -> BatchNorm:
         """Move every array (parameters, gradients, running statistics) to 'cpu' or 'gpu'.
 
         Returns self. 'gpu' needs CuPy (ImportError otherwise). A move drops the forward cache.

@@ -32,9 +32,9 @@ KERNELS = (
 SUFFIXES = {"float32": "f32", "float64": "f64", "float16": "f16"}
 
 _lock = threading.Lock()
-_modules = {}     # device id -> cupy.RawModule
-_functions = {}   # (device id, kernel name) -> cupy.RawKernel
-_sm_counts = {}   # device id -> multiprocessor count
+_modules: dict = {}     # device id -> cupy.RawModule
+_functions: dict = {}   # (device id, kernel name) -> cupy.RawKernel
+_sm_counts: dict = {}   # device id -> multiprocessor count
 
 
 def kernel_names():
