@@ -79,7 +79,7 @@ def _like_input(a, x):
 
 def _f64(a):
     """A float64 tensor that never aliases its argument (custom-op outputs must be fresh)."""
-    return torch.from_numpy(np.array(a, dtype=np.float64, copy=True))
+    return a.detach().to(torch.float64, copy=True)
 
 
 def _grad_dtype(x):
@@ -220,9 +220,11 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
 def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
                 num_batches_tracked):
-    y, mean, _invstd, var = torch.ops.fastbn.batch_norm(x, weight, bias, running_mean,
-                                                        running_var, bool(training),
-                                                        float(eps))
+    # In training the op does not read the running statistics: they are not passed, so a
+    # traced graph has no false dependency between the forward and the update.
+    y, mean, _invstd, var = torch.ops.fastbn.batch_norm(
+        x, weight, bias, None if training else running_mean,
+        None if training else running_var, bool(training), float(eps))
     if training and running_mean is not None and running_var is not None:
         count = x.numel() // x.shape[1] if x.shape[1] else 0
         torch.ops.fastbn.update_running_stats_(
