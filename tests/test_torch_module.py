@@ -91,13 +91,14 @@ def test_function_float16():
     x = torch.randn(8, 3, 5, generator=g).half().requires_grad_()
     w = torch.ones(3, dtype=torch.float16, requires_grad=True)
     y = ft.BatchNormFunction.apply(x, None, None, w, None, True, 0.1, 1e-5)
-    y.float().square().sum().backward()
+    t = torch.randn(8, 3, 5, generator=g)
+    (y.float() * t).sum().backward()
     assert y.dtype == x.grad.dtype == w.grad.dtype == torch.float16
     xr = x.detach().float().requires_grad_()
     yr = nn.functional.batch_norm(xr, None, None, None, None, True, 0.1, 1e-5)
-    yr.square().sum().backward()
+    (yr * t).sum().backward()
     torch.testing.assert_close(y.float(), yr, rtol=2e-3, atol=2e-3)
-    torch.testing.assert_close(x.grad.float(), xr.grad, rtol=5e-3, atol=5e-3)
+    torch.testing.assert_close(x.grad.float(), xr.grad, rtol=2e-3, atol=2e-3)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -408,6 +409,7 @@ def test_torch_compile_no_graph_break(fmt):
     backend = "inductor" if os.environ.get("FASTBN_TEST_INDUCTOR") else "aot_eager"
     torch._dynamo.reset()
     x = torch.randn(4, 3, 10, 10).to(memory_format=FORMATS[fmt])
+    t = torch.randn(4, 4, 8, 8)
     explain = torch._dynamo.explain(_small_model(momentum=None))(x)
     assert explain.graph_break_count == 0 and explain.graph_count == 1
     torch._dynamo.reset()
@@ -420,7 +422,9 @@ def test_torch_compile_no_graph_break(fmt):
         for m, o in ((eager, opt_e), (compiled, opt_c)):
             o.zero_grad()
             ys.append(m(x))
-            ys[-1].square().sum().backward()
+            # Not y.square(): through batch norm its gradient is ~0 (scale invariance), all
+            # rounding noise, which the steps amplify.
+            (ys[-1] * t).mean().backward()
             o.step()
         torch.testing.assert_close(ys[1], ys[0])
         assert ys[1].stride() == ys[0].stride()
