@@ -1,4 +1,4 @@
-"""``python -m fastbn``: a short report on embedded default data; ``python -m fastbn bench``.
+"""python -m fastbn: a short report on embedded default data; python -m fastbn bench.
 
 The report builds its data from a fixed seed (the same bytes on every machine): a float32 NCHW
 batch, the same batch channels-last, and a float32 batch whose mean is 10^4 times its standard
@@ -155,9 +155,35 @@ def report():
     return "\n".join(out), ok
 
 
+_DESCRIPTION = """\
+fastbn: fast, numerically stable batch normalization for NumPy.
+
+commands:
+  report   (the default) a self-check of the kernels against a float64 reference on
+           fixed-seed data, a short timing against NumPy (and PyTorch when installed)
+           and the Kohler et al. equivalence checks; exits 1 if a check fails
+  bench    fastbn, PyTorch and NumPy side by side against the memory floor measured in
+           the same run (python -m fastbn bench --help for its options;
+           --suite resnet50: ResNet-50's batch-norm layers; --gpu: the CuPy path)
+"""
+
+
+def _parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m fastbn", description=_DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version",
+                   version=f"fastbn {fastbn.__version__} (kernels: OpenMP "
+                           f"{'on' if fastbn.openmp_enabled() else 'off'})")
+    p.add_argument("command", nargs="?", default="report", choices=["report", "bench"],
+                   help="report (default) or bench")
+    return p
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "bench":
+    if argv and argv[0] == "bench":  # its own parser: every option after the word is its own
         if "--gpu" in argv[1:]:
             from fastbn.cuda import bench as _gpu_bench
 
@@ -165,14 +191,7 @@ def main(argv=None):
         from fastbn import _bench
 
         return _bench.main(argv[1:])
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        print("\nusage: python -m fastbn [bench [--gpu] [options]]   (python -m fastbn bench --help;"
-              "\n       python -m fastbn bench --suite resnet50: ResNet-50's batch-norm layers)")
-        return 0
-    if argv:
-        print(f"fastbn: unknown command {argv[0]!r}; expected nothing or 'bench'", file=sys.stderr)
-        return 2
+    _parser().parse_args(argv)  # report; --help and --version exit here
     text, ok = report()
     print(text)
     return 0 if ok else 1

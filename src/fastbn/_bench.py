@@ -848,11 +848,15 @@ _WORST = 8  # rows named per list in the text summary; --json has them all
 
 def format_summary(s, threads, meta):
     lines = ["", "== summary =="]
-    lines.append("geometric-mean speed-up vs PyTorch (PyTorch time / fastbn time):")
-    for key, g in s["speedup_geomean"].items():
-        lines.append(f"  {key:<16} {g:.2f}x" if g is not None else f"  {key:<16} -")
-    if s["all_speedup_geomean"] is not None:
-        lines.append(f"  {'all rows':<16} {s['all_speedup_geomean']:.2f}x")
+    if meta["torch"]:
+        lines.append("geometric-mean speed-up vs PyTorch (PyTorch time / fastbn time):")
+        for key, g in s["speedup_geomean"].items():
+            lines.append(f"  {key:<16} {g:.2f}x" if g is not None else f"  {key:<16} -")
+        if s["all_speedup_geomean"] is not None:
+            lines.append(f"  {'all rows':<16} {s['all_speedup_geomean']:.2f}x")
+    else:
+        lines.append("PyTorch is not installed: no comparison with it "
+                     "(pip install torch==2.13.0 to add one)")
     lines.append(f"rows of >= 1 MB at >= {100 * FLOOR_TARGET:.0f}% of their floor:")
     tot_ok = tot = 0
     for key, (ok, n) in s["floor"].items():
