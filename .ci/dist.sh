@@ -32,5 +32,14 @@ here=$PWD
     if command -v cc gcc clang > /dev/null 2>&1; then echo "dist: a compiler is on PATH"; exit 1; fi
     python -m pip install --quiet --only-binary=:all: "$repaired"
     python "$here/.ci/smoke.py"
+    # The documentation, against the installed wheel: warnings are errors, examples run.
+    python - "$here/pyproject.toml" <<'PY' > "$work/docs-req.txt"
+import sys, tomllib
+print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"]["docs"]))
+PY
+    python -m pip install --quiet -r "$work/docs-req.txt"
+    sphinx-build -W --keep-going -q -b html "$here/docs" "$work/docs-html"
+    sphinx-build -W --keep-going -q -b doctest "$here/docs" "$work/docs-doctest"
+    tail -4 "$work/docs-doctest/output.txt"
 )
 echo "dist: repaired wheel $(basename "$repaired"), $(du -k "$repaired" | cut -f1) KiB"

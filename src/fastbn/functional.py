@@ -130,6 +130,13 @@ def channel_moments(x: ArrayLike, *, axis: int = 1) -> tuple[int, F64Array, F64A
 
     The triple merges exactly across batches or processes (Chan et al.); ``var = M2 / count``.
     An empty batch gives count 0 and zeros.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastbn.functional import channel_moments
+    >>> channel_moments(np.array([[1.0, 2.0], [3.0, 6.0]]))
+    (2, array([2., 4.]), array([2., 8.]))
     """
     be = _backend(x)
     x, layout = _input(be, x, axis)
@@ -270,6 +277,20 @@ def batch_norm_forward(x: ArrayLike, weight: Optional[ArrayLike] = None,
     Returns
     -------
     y, mean, invstd : y has x's dtype; mean and invstd = 1/sqrt(var + eps) are float64 (C,).
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]], dtype=np.float32)
+    >>> y, mean, invstd = fastbn.batch_norm_forward(x, eps=0.0)
+    >>> y
+    array([[-1., -1.],
+           [ 1.,  1.]], dtype=float32)
+    >>> mean, invstd
+    (array([ 2., 20.]), array([1. , 0.1]))
+    >>> nhwc = np.ones((2, 4, 4, 3), np.float32)          # channels-last: name the axis
+    >>> fastbn.batch_norm_forward(nhwc, axis=-1)[0].shape
+    (2, 4, 4, 3)
     """
     y, mean, invstd, _var, _n = forward_with_stats(
         x, weight, bias, axis=axis, eps=eps, activation=activation, out=out
@@ -325,6 +346,16 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: Ar
     forward's output as ``y``: the gradient flows where y > 0. dweight = sum(g * x_hat) and
     dbias = sum(g) are returned in x's compute dtype (float32 for float16 input) whether or
     not ``weight`` is given; they are zero for an empty batch.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> x = np.array([[1.0], [3.0]], dtype=np.float64)
+    >>> y, mean, invstd = fastbn.batch_norm_forward(x, eps=0.0)
+    >>> dx, dweight, dbias = fastbn.batch_norm_backward(np.array([[1.0], [0.0]]), x, mean,
+    ...                                                 invstd)
+    >>> dx[:, 0], dweight, dbias
+    (array([0., 0.]), array([-1.]), array([1.]))
     """
     training = V.flag(training, "training")
     grads = _kernels.batch_norm_backward_fast(dy, x, mean, invstd, weight, axis, training,

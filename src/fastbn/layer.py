@@ -122,7 +122,23 @@ class BatchNorm:
     until the next successful forward: do not modify them in place in between. ``backward``
     may be called several times on one forward; each call accumulates. A forward that raises
     leaves the previous forward's cache in place (it is neither cleared nor changed).
-    Pickling, ``copy.deepcopy`` and a change of device drop the cache.
+    Pickling, ``copy.deepcopy`` and a change of device drop the cache. The cache is kept per
+    thread; parameters, gradients and running statistics are shared by all threads.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> bn = fastbn.BatchNorm(3)
+    >>> x = np.arange(24, dtype=np.float32).reshape(4, 3, 2)
+    >>> y = bn(x)                                  # training mode: batch statistics
+    >>> bn.num_batches_tracked, np.round(bn.running_mean, 2)
+    (1, array([0.95, 1.15, 1.35], dtype=float32))
+    >>> dx = bn.backward(np.ones_like(y))          # accumulates grad_weight, grad_bias
+    >>> bn.grad_bias
+    array([8., 8., 8.], dtype=float32)
+    >>> [name for name, _ in bn.named_parameters()]
+    ['weight', 'bias']
+    >>> y_eval = bn.eval()(x)                      # running statistics from now on
     """
 
     def __init__(self, num_features: int, *, axis: int = 1, eps: float = 1e-5,
