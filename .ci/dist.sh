@@ -40,6 +40,7 @@ PY
     python -m pip install --quiet -r "$work/docs-req.txt"
     sphinx-build -W --keep-going -q -b html "$here/docs" "$work/docs-html"
     sphinx-build -W --keep-going -q -b doctest "$here/docs" "$work/docs-doctest"
-    tail -4 "$work/docs-doctest/output.txt"
+    python -c "import sys; print(*open(sys.argv[1]).read().splitlines()[-4:], sep='\n')" \
+        "$work/docs-doctest/output.txt"
 )
 echo "dist: repaired wheel $(basename "$repaired"), $(du -k "$repaired" | cut -f1) KiB"
