@@ -8,7 +8,8 @@ run from the numbers of this run and the thresholds stated in report.md; none is
 
     python analysis/report.py OUT_DIR [--quick] [--seed N] [--threads N]
 
---quick: every script in its quick mode (about a minute on 2 cores); full: about 5-15 minutes.
+--quick: every script in its quick mode (about 5 s on 2 cores; tiny networks, so its Santurkar
+verdicts are smoke tests); full: about 8 minutes on 2 shared cores.
 """
 import json
 import os
