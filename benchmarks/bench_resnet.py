@@ -35,7 +35,8 @@ def resnet50_layers(batch=BATCH):
     The stem's bn1 at 112x112; then layer1..layer4 of [3, 4, 6, 3] Bottleneck blocks of widths
     64/128/256/512, expansion 4, from 56x56; the stride 2 of the first block of layers 2-4 is
     on conv2, so bn1 sees the block's input resolution and bn2, bn3 and the first block's
-    downsample bn the output resolution. (fastbn._bench has the same list; a test compares.)
+    downsample bn the output resolution. (fastbn.benchmark.suites has the same list; a test
+    compares.)
     """
     layers = [("bn1", (batch, 64, 112, 112))]
     res = 56

@@ -30,8 +30,8 @@ def test_an_unknown_command_is_an_error_naming_the_choices():
 
 def test_bench_without_pytorch_says_so_in_one_line():
     code = ("import sys; sys.modules['torch'] = None\n"
-            "from fastbn import _bench\n"
-            "sys.exit(_bench.main(['--rows', 'nc-32x16', '--threads', '1', '--ops', 'fwd-eval',"
+            "from fastbn import benchmark\n"
+            "sys.exit(benchmark.main(['--rows', 'nc-32x16', '--threads', '1', '--ops', 'fwd-eval',"
             " '--repeat', '1', '--sample-ms', '1']))\n")
     r = _run(code=code)
     assert r.returncode == 0, r.stderr

@@ -145,11 +145,12 @@ def test_gpu_availability_says_why_not_without_cupy():
     assert "CuPy is not installed" in run.stdout and "cupy-cuda12x" in run.stdout
 
 
-def test_gpu_bench_without_cupy_exits_with_the_reason():
-    run = _run_python(
-        "import sys; sys.modules['cupy'] = None\n"
-        "from fastbn.cuda import bench\n"
-        "sys.exit(bench.main(['--rows', 'nc-32x16']))\n"
-    )
+@pytest.mark.parametrize("entry", [
+    "from fastbn.cuda import bench\nsys.exit(bench.main(['--rows', 'nc-32x16']))\n",
+    "from fastbn.__main__ import main\nsys.exit(main(['bench', '--gpu', '--rows', 'nc-32x16']))\n",
+], ids=["fastbn.cuda.bench", "python -m fastbn bench --gpu"])
+def test_gpu_bench_without_cupy_exits_with_the_reason(entry):
+    run = _run_python("import sys; sys.modules['cupy'] = None\n" + entry)
     assert run.returncode == 2
     assert "fastbn GPU bench: CuPy is not installed" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr

@@ -7,7 +7,6 @@ deviation. It checks the kernels against the plain float64 reference, times them
 """
 import platform
 import sys
-import time
 
 import numpy as np
 
@@ -63,16 +62,6 @@ def self_check(data):
     return rows, ok
 
 
-def _median_time(fn, repeat):
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def _numpy_forward_train(x, axis):
     red = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
     mean = x.mean(axis=red, keepdims=True)
@@ -81,6 +70,13 @@ def _numpy_forward_train(x, axis):
 
 
 def timing(data, repeat=7):
+    """Training-forward medians of fastbn, NumPy and PyTorch (when installed), in seconds.
+
+    The benchmark's timing loop: the implementations take turns in each of ``repeat`` rounds
+    of one call each (after a warm-up call), and each side's median call is reported.
+    """
+    from fastbn.benchmark.timing import medians
+
     try:
         import torch
     except ImportError:
@@ -88,31 +84,26 @@ def timing(data, repeat=7):
     rows = []
     for name, (x, axis) in list(data.items())[:2]:
         C = x.shape[axis]
-        fb = _median_time(lambda: fastbn.batch_norm_forward(x, axis=axis), repeat)
-        npy = _median_time(lambda: _numpy_forward_train(x, axis), repeat)
-        tt = None
+        calls = {"fastbn": lambda: fastbn.batch_norm_forward(x, axis=axis),
+                 "numpy": lambda: _numpy_forward_train(x, axis)}
         if torch is not None:
             t = torch.from_numpy(x if axis == 1 else np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
             if axis == -1:
                 t = t.contiguous(memory_format=torch.channels_last)
             torch.set_num_threads(fastbn.get_num_threads())
             rm, rv = torch.zeros(C), torch.ones(C)
-            tt = _median_time(
-                lambda: torch.ops.aten.native_batch_norm(t, None, None, rm, rv, True, 0.1, 1e-5),
-                repeat)
-        rows.append((name, fb, npy, tt))
+            calls["torch"] = lambda: torch.ops.aten.native_batch_norm(t, None, None, rm, rv,
+                                                                      True, 0.1, 1e-5)
+        med = medians(calls, repeat)
+        rows.append((name, med["fastbn"], med["numpy"], med.get("torch")))
     return rows, torch is not None
 
 
 def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name with its family and model numbers (fastbn.benchmark.machine)."""
+    from fastbn.benchmark.machine import cpu_model as _cpu_model
+
+    return _cpu_model()
 
 
 def report():
@@ -184,13 +175,9 @@ def _parser():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "bench":  # its own parser: every option after the word is its own
-        if "--gpu" in argv[1:]:
-            from fastbn.cuda import bench as _gpu_bench
+        from fastbn.benchmark import main as bench_main
 
-            return _gpu_bench.main([a for a in argv[1:] if a != "--gpu"])
-        from fastbn import _bench
-
-        return _bench.main(argv[1:])
+        return bench_main(argv[1:])  # --gpu included: one parser for the CPU and the GPU
     _parser().parse_args(argv)  # report; --help and --version exit here
     text, ok = report()
     print(text)
