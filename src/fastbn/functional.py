@@ -448,3 +448,20 @@ def batch_norm(input: ArrayLike, running_mean: Optional[ArrayLike],
         be.normalize_running(layout.canon(x, be.compute_dtype(x.dtype)), dest.target,
                              running_mean, running_var, eps, weight, bias, relu)
     return dest.finish()
+
+
+# --------------------------------------------------------------------------- variants
+# Implemented in fastbn.variants from the verbs above; this is their front door.
+from .variants import (  # noqa: E402
+    batch_norm_double_backward,
+    batch_renorm_backward,
+    batch_renorm_forward,
+    fixed_batch_norm,
+    fixed_batch_norm_backward,
+    ghost_batch_norm_backward,
+    ghost_batch_norm_forward,
+)
+
+__all__ += ["fixed_batch_norm", "fixed_batch_norm_backward", "batch_renorm_forward",
+            "batch_renorm_backward", "ghost_batch_norm_forward", "ghost_batch_norm_backward",
+            "batch_norm_double_backward"]
