@@ -241,6 +241,25 @@ def exclusive(options):
         raise ValueError(f"{', '.join(on)}: these variants do not combine; choose one")
 
 
+def mask(a, shape, ax):
+    """A boolean mask shaped like x without its feature axis (True = counts)."""
+    if a.dtype.kind != "b":
+        raise TypeError(f"mask: expected a boolean array (True = counts), got dtype {a.dtype}")
+    want = shape[:ax] + shape[ax + 1:]
+    if a.shape != want:
+        raise ValueError(f"mask: expected shape {want} (x's shape {shape} without its feature "
+                         f"axis {ax}), got {a.shape}")
+    return a
+
+
+def mask_count(n, size):
+    """Training on masked statistics needs more than one masked-in position (as PyTorch's rule
+    for one value per channel); an empty x is allowed."""
+    if size > 0 and n < 2:
+        raise ValueError(f"mask: expected more than 1 True position when training, got {n}")
+    return n
+
+
 def _module_of(a):
     if is_cupy_array(a):
         import cupy

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 from collections import namedtuple
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 
@@ -466,7 +466,8 @@ class BatchNorm:
         x = self._to_own_module("x", x)
         return V.layer_input(x, self._dtype, self._num_features, self._axis)
 
-    def forward(self, x: ArrayLike, *, training: Optional[bool] = None) -> Array:
+    def forward(self, x: ArrayLike, *, training: Optional[bool] = None,
+                mask: Optional[ArrayLike] = None) -> Array:
         """Normalise x; in training mode also update the running statistics.
 
         Training mode, or ``track_running_stats=False``: batch statistics. Eval mode with
@@ -474,7 +475,10 @@ class BatchNorm:
         this call only (Keras's ``layer(x, training=...)``); None uses ``self.training``.
         Returns y with x's shape and dtype. An empty batch (no value per channel) returns an
         empty y and, in training, counts in ``num_batches_tracked`` but leaves the running
-        statistics as they are (PyTorch's behaviour).
+        statistics as they are (PyTorch's behaviour). ``mask`` (Keras's and Flax's): a boolean
+        array shaped like x without its feature axis; when batch statistics are used only its
+        True positions count towards them (and the running statistics); y is computed
+        everywhere. Running statistics in eval mode ignore it, as Keras does.
         """
         training = self.training if training is None else V.flag(training, "training")
         w, b = self._weight, self._bias
@@ -482,7 +486,14 @@ class BatchNorm:
         variant: Any = None
         if batch_stats:
             # Raises (bad x, one value per channel, ...) before any state below is touched.
-            if training and self._renorm:
+            if mask is not None:
+                V.exclusive({"mask": True, "renorm": self._renorm and training,
+                             "virtual_batch_size": self._virtual_batch_size})
+                x = self._check_input(x)
+                y, mean, invstd, var, count = _variants._masked_forward(
+                    x, w, b, self._axis, self._eps, self._activation, None, mask)
+                variant = ("mask", mask)
+            elif training and self._renorm:
                 x = self._check_input(x)
                 c = self._renorm_clipping
                 y, mean, invstd, var, count, r, d = _variants._renorm_forward(
@@ -544,7 +555,8 @@ class BatchNorm:
         self._renorm_mean[...] = m * self._renorm_mean.astype(np.float64) + (1 - m) * mean
         self._renorm_std[...] = m * self._renorm_std.astype(np.float64) + (1 - m) * std
 
-    __call__ = forward
+    # Callable[..., Array]: subclasses (SyncBatchNorm) alias their own forward, without mask
+    __call__: Callable[..., Array] = forward
 
     def backward(self, dy: ArrayLike) -> Array:
         """Gradient through the last successful forward: returns dx, accumulates parameter grads.
@@ -573,7 +585,7 @@ class BatchNorm:
 
     def _variant_backward(self, ctx, dy):
         kind = ctx.variant[0]
-        if ctx.activation == "relu":
+        if ctx.activation == "relu" and kind != "mask":  # the masked path fuses its ReLU
             # the ReLU after a variant's forward is its own pass; its mask is applied here
             be = _functional._backend(ctx.x)
             dy = _functional._like(be, _functional._array(be, dy, "dy"), "dy", ctx.x)
@@ -582,6 +594,10 @@ class BatchNorm:
             _kind, r, d = ctx.variant
             return _variants.batch_renorm_backward(dy, ctx.x, ctx.mean, ctx.invstd, r, d,
                                                    ctx.weight, axis=ctx.axis)
+        if kind == "mask":
+            return batch_norm_backward(dy, ctx.x, ctx.mean, ctx.invstd, ctx.weight,
+                                       axis=ctx.axis, training=True, activation=ctx.activation,
+                                       y=ctx.y, mask=ctx.variant[1])
         if kind == "ghost":
             _kind, v, mean, invstd = ctx.variant
             return _variants.ghost_batch_norm_backward(

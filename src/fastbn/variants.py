@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Optional
 
 from . import _validation as V
 from . import functional as F
+from ._layout import Output
 
 if TYPE_CHECKING:
     from ._typing import Array, ArrayLike, F64Array
@@ -334,3 +335,84 @@ def _batch_norm_double_backward(ddx, ddweight, ddbias, dy, x, mean, invstd, weig
     gdt = F._grad_dtype(x.dtype)
     return (layout.to_user(ddy3.astype(x.dtype)), layout.to_user(dx3.astype(x.dtype)),
             dweight.astype(gdt))
+
+
+# --------------------------------------------------------------------------- masked statistics
+
+def _mask3(be, layout, mask, x, ax):
+    """mask (x's shape without axis ax) as a (O, 1, I) float64 array in x's canonical order."""
+    xp = be.xp
+    mask = V.mask(F._array(be, mask, "mask"), x.shape, ax)
+    mk = xp.expand_dims(mask, ax)
+    if layout.perm is not None:
+        mk = mk.transpose(layout.perm)
+    return mask, xp.ascontiguousarray(mk, dtype=xp.float64).reshape(layout.O, 1, layout.I)
+
+
+def _masked_forward(x, weight, bias, axis, eps, activation, out, mask):
+    """(y, mean, invstd, var, count) with statistics over the masked-in positions only."""
+    be = F._backend(x)
+    x, layout = F._input(be, x, axis)
+    ax = V.axis(axis, x.ndim, x.shape)
+    C = layout.C
+    weight = F._chan(be, weight, "weight", C)
+    bias = F._chan(be, bias, "bias", C)
+    eps = V.eps(eps)
+    relu = V.activation(activation)
+    out = F._out(be, out, x)
+    _mask, mk = _mask3(be, layout, mask, x, ax)
+    xp = be.xp
+    n = int(mk.sum()) if mk.size else 0
+    V.mask_count(n, x.size)
+    dest = Output(be, layout, x, out, (x,))
+    if x.size == 0:
+        var = be.zeros(C)
+        return dest.finish(), be.zeros(C), be.invstd(var, eps), var, 0
+    x3 = layout.canon(x, xp.float64)
+    mean = (x3 * mk).sum(axis=(0, 2)) / n
+    xc = x3 - mean.reshape(1, C, 1)
+    var = (xc * xc * mk).sum(axis=(0, 2)) / n  # two-pass: centred before squaring
+    invstd = be.invstd(var, eps)
+    scale = invstd if weight is None else invstd * weight.astype(xp.float64)
+    y3 = xc * scale.reshape(1, C, 1)
+    if bias is not None:
+        y3 += bias.astype(xp.float64).reshape(1, C, 1)
+    if relu:
+        xp.maximum(y3, 0, out=y3)
+    dest.target[...] = y3
+    return dest.finish(), mean, invstd, var, n
+
+
+def _masked_backward(dy, x, mean, invstd, weight, axis, training, activation, y, mask):
+    be = F._backend(x)
+    x, layout = F._input(be, x, axis)
+    ax = V.axis(axis, x.ndim, x.shape)
+    C = layout.C
+    dy = F._like(be, dy, "dy", x)
+    mean = F._required(be, mean, "mean", C)
+    invstd = F._required(be, invstd, "invstd", C)
+    weight = F._chan(be, weight, "weight", C)
+    y = F._relu_y(be, y, x, V.activation(activation))
+    _mask, mk = _mask3(be, layout, mask, x, ax)
+    xp = be.xp
+    gdt = F._grad_dtype(x.dtype)
+    if not training:  # the statistics are constants: the mask plays no part
+        return F.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis, training=False,
+                                     activation=activation, y=y)
+    n = int(mk.sum()) if mk.size else 0
+    V.mask_count(n, x.size)
+    dest = Output(be, layout, x, None, ())
+    if x.size == 0:
+        return dest.finish(), be.zeros(C).astype(gdt), be.zeros(C).astype(gdt)
+    f8 = xp.float64
+    g = layout.canon(dy, f8)
+    if y is not None:
+        g = g * (layout.canon(y, f8) > 0)
+    s = invstd.astype(f8).reshape(1, C, 1)
+    xhat = (layout.canon(x, f8) - mean.astype(f8).reshape(1, C, 1)) * s
+    sg = g.sum(axis=(0, 2))
+    sgx = (g * xhat).sum(axis=(0, 2))
+    ws = s if weight is None else s * weight.astype(f8).reshape(1, C, 1)
+    corr = (sg.reshape(1, C, 1) + xhat * sgx.reshape(1, C, 1)) * (mk / n)
+    dest.target[...] = ws * (g - corr)
+    return dest.finish(), sgx.astype(gdt), sg.astype(gdt)
