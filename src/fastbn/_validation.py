@@ -152,6 +152,132 @@ def axis(value, ndim, shape):
     return ax % ndim
 
 
+def unit_interval(value, name):
+    """A float in [0, 1] (renorm_momentum)."""
+    v = _real(value, name, "a float in [0, 1]")
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name}: expected a float in [0, 1], got {v}")
+    return v
+
+
+RENORM_KEYS = ("rmax", "rmin", "dmax")
+
+
+def renorm_bound(value, name):
+    """A clipping bound of batch renormalization: None (no clipping) or a real >= 0."""
+    if value is None:
+        return None
+    v = _real(value, name, "a non-negative number or None (no clipping)")
+    if not v >= 0.0:  # inf allowed: no clipping
+        raise ValueError(f"{name}: expected a non-negative number or None, got {v}")
+    return v
+
+
+def renorm_bounds(rmax, rmin, dmax):
+    rmax, rmin, dmax = (renorm_bound(v, k) for v, k in zip((rmax, rmin, dmax), RENORM_KEYS))
+    if rmax is not None and rmin is not None and rmin > rmax:
+        raise ValueError(f"rmin: expected rmin <= rmax, got rmin={rmin}, rmax={rmax}")
+    return rmax, rmin, dmax
+
+
+def renorm_clipping(value):
+    """Keras's renorm_clipping: None or a mapping with keys among 'rmax', 'rmin', 'dmax'."""
+    from collections.abc import Mapping
+
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"renorm_clipping: expected a dict with keys among {list(RENORM_KEYS)} "
+                        f"or None, got {_kind(value)}")
+    extra = [k for k in value if k not in RENORM_KEYS]
+    if extra:
+        raise ValueError(f"renorm_clipping: expected keys among {list(RENORM_KEYS)}, got "
+                         f"{extra}")
+    bounds = renorm_bounds(value.get("rmax"), value.get("rmin"), value.get("dmax"))
+    return {k: v for k, v in zip(RENORM_KEYS, bounds) if v is not None}
+
+
+def renorm_reference(std_ref, eps):
+    """max(renorm_std, sqrt(eps)) (Keras) must be positive and finite to divide by."""
+    xp = _module_of(std_ref)
+    ref = xp.maximum(std_ref.astype(xp.float64), math.sqrt(eps))
+    if not bool(xp.all(xp.isfinite(ref) & (ref > 0))):
+        raise ValueError("renorm_std: expected finite values > 0 (or eps > 0: values below "
+                         "sqrt(eps) are raised to it)")
+    return ref
+
+
+def virtual_batch_size(value, shape, ax):
+    """Ghost batches: an int >= 1 dividing the batch (axis 0), which is not the feature axis."""
+    if value is None:
+        return None
+    v = integer(value, "virtual_batch_size", "a positive int or None")
+    if v < 1:
+        raise ValueError(f"virtual_batch_size: expected a positive int or None, got {v}")
+    if shape is None:
+        return v
+    if ax == 0:
+        raise ValueError("virtual_batch_size: ghost batches split axis 0, which is the feature "
+                         "axis here (axis=0)")
+    if shape[0] % v:
+        raise ValueError(f"virtual_batch_size: expected a divisor of the batch size "
+                         f"{shape[0]} (axis 0 of x, shape {shape}), got {v}")
+    return v
+
+
+def ghost_stats(a, name, G, C):
+    """Per-sub-batch statistics of ghost batch norm: shape (G, C)."""
+    floating(a, name)
+    if a.shape != (G, C):
+        raise ValueError(f"{name}: expected shape ({G}, {C}) (one row per virtual batch), got "
+                         f"{a.shape}")
+    return a
+
+
+def exclusive(options):
+    """Variants that do not combine: at most one of the named options is on."""
+    on = [k for k, v in options.items() if v]
+    if len(on) > 1:
+        raise ValueError(f"{', '.join(on)}: these variants do not combine; choose one")
+
+
+def mask(a, shape, ax):
+    """A boolean mask shaped like x without its feature axis (True = counts)."""
+    if a.dtype.kind != "b":
+        raise TypeError(f"mask: expected a boolean array (True = counts), got dtype {a.dtype}")
+    want = shape[:ax] + shape[ax + 1:]
+    if a.shape != want:
+        raise ValueError(f"mask: expected shape {want} (x's shape {shape} without its feature "
+                         f"axis {ax}), got {a.shape}")
+    return a
+
+
+def mask_count(n, size):
+    """Training on masked statistics needs more than one masked-in position (as PyTorch's rule
+    for one value per channel); an empty x is allowed."""
+    if size > 0 and n < 2:
+        raise ValueError(f"mask: expected more than 1 True position when training, got {n}")
+    return n
+
+
+def _module_of(a):
+    if is_cupy_array(a):
+        import cupy
+
+        return cupy
+    return np
+
+
+def not_sync(layer, option):
+    """Variants are BatchNorm's own forward; a subclass that replaces the batch statistics
+    (SyncBatchNorm) does not run them."""
+    from .layer import BatchNorm
+
+    if type(layer)._batch_forward is not BatchNorm._batch_forward:
+        raise ValueError(f"{option}: not supported by {type(layer).__name__} (a BatchNorm "
+                         "option only)")
+
+
 # --------------------------------------------------------------------------- array conversion
 
 def _torch_readable(a, name):

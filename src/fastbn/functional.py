@@ -261,8 +261,8 @@ def update_running_stats(running_mean: Optional[Array], running_var: Optional[Ar
 
 def batch_norm_forward(x: ArrayLike, weight: Optional[ArrayLike] = None,
                        bias: Optional[ArrayLike] = None, *, axis: int = 1, eps: float = 1e-5,
-                       activation: Activation = None,
-                       out: Optional[Array] = None) -> tuple[Array, F64Array, F64Array]:
+                       activation: Activation = None, out: Optional[Array] = None,
+                       mask: Optional[ArrayLike] = None) -> tuple[Array, F64Array, F64Array]:
     """Training-mode batch norm: normalise x with its own batch statistics.
 
     Parameters
@@ -273,6 +273,9 @@ def batch_norm_forward(x: ArrayLike, weight: Optional[ArrayLike] = None,
     eps : added to the variance
     activation : None or "relu" (applied in the same pass)
     out : optional output array (x's shape and dtype; ``out=x`` works in place)
+    mask : optional boolean array shaped like x without its feature axis (Keras's and Flax's
+        ``mask``): only True positions count towards the mean and variance; y is computed
+        everywhere. Computed in float64 NumPy, not by the kernels (docs/guide/variants.md).
 
     Returns
     -------
@@ -292,6 +295,10 @@ def batch_norm_forward(x: ArrayLike, weight: Optional[ArrayLike] = None,
     >>> fastbn.batch_norm_forward(nhwc, axis=-1)[0].shape
     (2, 4, 4, 3)
     """
+    if mask is not None:
+        y, mean, invstd, _var, _n = _variants._masked_forward(x, weight, bias, axis, eps,
+                                                              activation, out, mask)
+        return y, mean, invstd
     y, mean, invstd, _var, _n = forward_with_stats(
         x, weight, bias, axis=axis, eps=eps, activation=activation, out=out
     )
@@ -337,7 +344,8 @@ def _forward_train(be, x, layout, weight, bias, eps, relu, out):
 def batch_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
                         weight: Optional[ArrayLike] = None, *, axis: int = 1,
                         training: bool = True, activation: Activation = None,
-                        y: Optional[ArrayLike] = None) -> tuple[Array, Array, Array]:
+                        y: Optional[ArrayLike] = None,
+                        mask: Optional[ArrayLike] = None) -> tuple[Array, Array, Array]:
     """Gradients of batch norm: returns (dx, dweight, dbias).
 
     ``mean`` and ``invstd`` are what the forward used: the batch statistics from
@@ -345,7 +353,8 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: Ar
     they are constants and dx = dy * weight * invstd). With ``activation="relu"``, pass the
     forward's output as ``y``: the gradient flows where y > 0. dweight = sum(g * x_hat) and
     dbias = sum(g) are returned in x's compute dtype (float32 for float16 input) whether or
-    not ``weight`` is given; they are zero for an empty batch.
+    not ``weight`` is given; they are zero for an empty batch. ``mask``: the forward's mask
+    (statistics over its True positions only; dweight and dbias still sum over every position).
 
     Examples
     --------
@@ -358,6 +367,9 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: Ar
     (array([0., 0.]), array([-1.]), array([1.]))
     """
     training = V.flag(training, "training")
+    if mask is not None:
+        return _variants._masked_backward(dy, x, mean, invstd, weight, axis, training,
+                                          activation, y, mask)
     grads = _kernels.batch_norm_backward_fast(dy, x, mean, invstd, weight, axis, training,
                                               activation, y, get_num_threads())
     if grads is not None:
@@ -448,3 +460,21 @@ def batch_norm(input: ArrayLike, running_mean: Optional[ArrayLike],
         be.normalize_running(layout.canon(x, be.compute_dtype(x.dtype)), dest.target,
                              running_mean, running_var, eps, weight, bias, relu)
     return dest.finish()
+
+
+# --------------------------------------------------------------------------- variants
+# Implemented in fastbn.variants from the verbs above; this is their front door.
+from . import variants as _variants  # noqa: E402
+from .variants import (  # noqa: E402
+    batch_norm_double_backward,
+    batch_renorm_backward,
+    batch_renorm_forward,
+    fixed_batch_norm,
+    fixed_batch_norm_backward,
+    ghost_batch_norm_backward,
+    ghost_batch_norm_forward,
+)
+
+__all__ += ["fixed_batch_norm", "fixed_batch_norm_backward", "batch_renorm_forward",
+            "batch_renorm_backward", "ghost_batch_norm_forward", "ghost_batch_norm_backward",
+            "batch_norm_double_backward"]

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import threading
 from collections import namedtuple
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 
 from . import _validation as V
 from ._backend import is_cupy_array
+from . import functional as _functional
+from . import variants as _variants
 from .functional import (
     batch_norm_backward,
     forward_with_stats,
@@ -43,6 +45,18 @@ IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_k
 
 _CHANNEL_STATE = ("weight", "bias", "running_mean", "running_var")
 
+# Attributes added after 0.2, filled in when an older pickle is loaded.
+_OPTION_DEFAULTS: dict[str, Any] = {
+    "_scale": lambda bn: bn._affine,
+    "_center": lambda bn: bn._affine,
+    "_renorm": lambda bn: False,
+    "_renorm_clipping": lambda bn: {},
+    "_renorm_momentum": lambda bn: 0.99,
+    "_renorm_mean": lambda bn: None,
+    "_renorm_std": lambda bn: None,
+    "_virtual_batch_size": lambda bn: None,
+}
+
 
 class _Context:
     """What backward needs from the last successful forward.
@@ -51,9 +65,11 @@ class _Context:
     backward does not change the gradient of the computation that actually ran.
     """
 
-    __slots__ = ("x", "y", "mean", "invstd", "weight", "training", "axis", "activation", "count")
+    __slots__ = ("x", "y", "mean", "invstd", "weight", "training", "axis", "activation", "count",
+                 "variant")
 
-    def __init__(self, x, y, mean, invstd, weight, training, axis, activation, count=None):
+    def __init__(self, x, y, mean, invstd, weight, training, axis, activation, count=None,
+                 variant=None):
         self.x = x
         self.y = y
         self.mean = mean
@@ -63,6 +79,7 @@ class _Context:
         self.axis = axis
         self.activation = activation
         self.count = count  # values per channel of the batch (SyncBatchNorm: the whole batch's)
+        self.variant = variant  # None, or (kind, ...) what a variant's backward needs
 
 
 # --------------------------------------------------------------------------- helpers
@@ -106,6 +123,27 @@ class BatchNorm:
     affine : bool
         Learn a per-channel ``weight`` (gamma, ones) and ``bias`` (beta, zeros). When False
         both, and their gradients, are None.
+    scale, center : bool
+        Keras's switches beside ``affine``: ``scale=False`` has no ``weight`` (gamma = 1),
+        ``center=False`` no ``bias`` (beta = 0); the parameter, its gradient, its
+        ``state_dict`` key and its entry in ``named_parameters`` are absent.
+    bias : bool
+        PyTorch's spelling (``torch.nn.BatchNorm2d(C, bias=False)``): the same as
+        ``center=False``.
+    renorm, renorm_clipping, renorm_momentum
+        Keras's batch renormalization (Ioffe 2017): in training, y = gamma * (x_hat * r + d)
+        + beta with r and d (clipped by ``renorm_clipping``, a dict with keys among "rmax",
+        "rmin", "dmax") computed against the buffers ``renorm_mean`` (zeros) and
+        ``renorm_std`` (ones), which follow the batch mean and std = sqrt(var + eps) with
+        Keras's convention ``renorm = renorm_momentum * renorm + (1 - renorm_momentum) *
+        batch``. ``running_mean``/``running_var`` keep PyTorch's rule and serve eval mode.
+        See ``fastbn.functional.batch_renorm_forward``.
+    virtual_batch_size : int or None
+        Ghost batch norm (Keras 2's option): batch statistics per consecutive sub-batch of
+        this many samples along axis 0; the running statistics move towards the mean of the
+        sub-batches' means and of their (biased) variances, as Keras 2 does, each sub-batch
+        counting ``virtual_batch_size`` samples for the unbiased correction. See
+        ``fastbn.functional.ghost_batch_norm_forward``.
     track_running_stats : bool
         Keep ``running_mean`` (zeros), ``running_var`` (ones, unbiased) and
         ``num_batches_tracked`` and normalise with them in eval mode. When False they are None
@@ -144,25 +182,41 @@ class BatchNorm:
     def __init__(self, num_features: int, *, axis: int = 1, eps: float = 1e-5,
                  momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, activation: Activation = None,
-                 dtype: Any = np.float32) -> None:
+                 dtype: Any = np.float32, center: bool = True, scale: bool = True,
+                 bias: bool = True, renorm: bool = False,
+                 renorm_clipping: Optional[Mapping[str, float]] = None,
+                 renorm_momentum: float = 0.99,
+                 virtual_batch_size: Optional[int] = None) -> None:
         self._num_features = V.num_features(num_features)
         self._axis = V.integer(axis, "axis")
         self._eps = V.eps(eps)
         self._momentum = V.momentum(momentum, allow_none=True)
         self._affine = V.flag(affine, "affine")
+        self._scale = self._affine and V.flag(scale, "scale")
+        self._center = self._affine and V.flag(center, "center") and V.flag(bias, "bias")
         self._track = V.flag(track_running_stats, "track_running_stats")
         V.activation(activation)
         self._activation = activation
         self._dtype = V.param_dtype(dtype)
+        self._renorm = V.flag(renorm, "renorm")
+        self._renorm_clipping = V.renorm_clipping(renorm_clipping)
+        self._renorm_momentum = V.unit_interval(renorm_momentum, "renorm_momentum")
+        self._virtual_batch_size = V.virtual_batch_size(virtual_batch_size, None, None)
+        V.exclusive({"renorm": self._renorm, "virtual_batch_size": self._virtual_batch_size})
+        for option in ("renorm", "virtual_batch_size"):
+            if getattr(self, "_" + option):
+                V.not_sync(self, option)
         self.training = True
         self._device = "cpu"
         C, dt = self._num_features, self._dtype
         # NumPy arrays, or CuPy arrays after .to("gpu"); None where the options say so
-        self._weight: Any = np.ones(C, dt) if self._affine else None
-        self._bias: Any = np.zeros(C, dt) if self._affine else None
+        self._weight: Any = np.ones(C, dt) if self._scale else None
+        self._bias: Any = np.zeros(C, dt) if self._center else None
         self._running_mean: Any = np.zeros(C, dt) if self._track else None
         self._running_var: Any = np.ones(C, dt) if self._track else None
         self._num_batches_tracked: Any = 0 if self._track else None
+        self._renorm_mean: Any = np.zeros(C, dt) if self._renorm else None
+        self._renorm_std: Any = np.ones(C, dt) if self._renorm else None
         self.grad_weight: Any = None
         self.grad_bias: Any = None
         self._requires_grad = True
@@ -171,11 +225,21 @@ class BatchNorm:
     # ----------------------------------------------------------------- options
 
     num_features = property(lambda self: self._num_features, doc="C (read-only).")
-    affine = property(lambda self: self._affine, doc="Whether weight/bias exist (read-only).")
+    affine = property(lambda self: self._affine,
+                      doc="The affine option (read-only); see scale and center for which exist.")
+    scale = property(lambda self: self._scale, doc="Whether weight (gamma) exists (read-only).")
+    center = property(lambda self: self._center, doc="Whether bias (beta) exists (read-only).")
     track_running_stats = property(
         lambda self: self._track, doc="Whether running statistics exist (read-only)."
     )
     dtype = property(lambda self: self._dtype, doc="Parameter dtype (read-only).")
+    renorm = property(lambda self: self._renorm, doc="Batch renormalization (read-only).")
+    virtual_batch_size = property(lambda self: self._virtual_batch_size,
+                                  doc="Ghost batch size, or None (read-only).")
+    renorm_clipping = property(lambda self: dict(self._renorm_clipping),
+                               doc="The renorm clipping bounds given (a copy; read-only).")
+    renorm_momentum = property(lambda self: self._renorm_momentum,
+                               doc="Keras-convention factor of the renorm buffers (read-only).")
 
     @property
     def device(self):
@@ -228,7 +292,9 @@ class BatchNorm:
         """
         current = getattr(self, "_" + name)
         if current is None:
-            option = "affine" if name in ("weight", "bias") else "track_running_stats"
+            option = {"weight": "affine=False or scale", "bias": "affine=False or center",
+                      "renorm_mean": "renorm", "renorm_std": "renorm"}.get(
+                name, "track_running_stats")
             raise AttributeError(f"{name}: this layer has none ({option}=False)")
         current[...] = self._stage_channel(name, value)
 
@@ -257,6 +323,12 @@ class BatchNorm:
     running_var = property(lambda self: self._running_var,
                            lambda self, v: self._assign_channel("running_var", v),
                            doc="Unbiased, (C,) or None; assignment copies into the existing array.")
+    renorm_mean = property(lambda self: self._renorm_mean,
+                           lambda self, v: self._assign_channel("renorm_mean", v),
+                           doc="(C,) or None (renorm=False); Keras's renorm_mean.")
+    renorm_std = property(lambda self: self._renorm_std,
+                          lambda self, v: self._assign_channel("renorm_std", v),
+                          doc="(C,) or None (renorm=False); Keras's renorm_stddev.")
 
     @property
     def num_batches_tracked(self):
@@ -293,11 +365,11 @@ class BatchNorm:
             self.grad_weight = None
             self.grad_bias = None
         else:
-            for name in ("grad_weight", "grad_bias"):
+            for name, present in (("grad_weight", self._scale), ("grad_bias", self._center)):
                 g = getattr(self, name)
                 if g is not None:
                     g[...] = 0
-                elif self._affine:
+                elif present:
                     setattr(self, name, self._xp().zeros(self._num_features, self._dtype))
 
     def _xp(self):
@@ -309,9 +381,11 @@ class BatchNorm:
 
     def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Array]]:
         """(name, array) for ``weight`` and ``bias`` (none when ``affine=False``): the layer's
-        own arrays, which an optimizer updates in place."""
-        if self._affine:
+        own arrays, which an optimizer updates in place; ``scale=False`` leaves out weight and
+        ``center=False`` (``bias=False``) bias."""
+        if self._scale:
             yield prefix + "weight", self._weight
+        if self._center:
             yield prefix + "bias", self._bias
 
     def parameters(self) -> Iterator[Array]:
@@ -322,8 +396,9 @@ class BatchNorm:
     def named_grads(self, prefix: str = "") -> Iterator[tuple[str, Optional[Array]]]:
         """(name, gradient) beside each parameter, in the same order: ``grad_weight`` and
         ``grad_bias``, None until a backward has accumulated into them (like ``.grad``)."""
-        if self._affine:
+        if self._scale:
             yield prefix + "weight", self.grad_weight
+        if self._center:
             yield prefix + "bias", self.grad_bias
 
     def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, Array]]:
@@ -335,6 +410,9 @@ class BatchNorm:
             yield prefix + "running_var", self._running_var
             yield prefix + "num_batches_tracked", self._xp().asarray(
                 self._num_batches_tracked, dtype=np.int64)
+        if self._renorm:
+            yield prefix + "renorm_mean", self._renorm_mean
+            yield prefix + "renorm_std", self._renorm_std
 
     def buffers(self) -> Iterator[Array]:
         """The values of :meth:`named_buffers`."""
@@ -354,17 +432,22 @@ class BatchNorm:
         return self
 
     def reset_running_stats(self) -> None:
-        """running_mean = 0, running_var = 1, num_batches_tracked = 0 (in place)."""
+        """running_mean = 0, running_var = 1, num_batches_tracked = 0 (in place); with renorm,
+        renorm_mean = 0 and renorm_std = 1."""
         if self._track:
             self._running_mean[...] = 0
             self._running_var[...] = 1
             self._num_batches_tracked = 0
+        if self._renorm:
+            self._renorm_mean[...] = 0
+            self._renorm_std[...] = 1
 
     def reset_parameters(self) -> None:
         """The running statistics reset, weight = 1 and bias = 0 (in place), as PyTorch's."""
         self.reset_running_stats()
-        if self._affine:
+        if self._scale:
             self._weight[...] = 1
+        if self._center:
             self._bias[...] = 0
 
     # ----------------------------------------------------------------- forward / backward
@@ -383,7 +466,8 @@ class BatchNorm:
         x = self._to_own_module("x", x)
         return V.layer_input(x, self._dtype, self._num_features, self._axis)
 
-    def forward(self, x: ArrayLike, *, training: Optional[bool] = None) -> Array:
+    def forward(self, x: ArrayLike, *, training: Optional[bool] = None,
+                mask: Optional[ArrayLike] = None) -> Array:
         """Normalise x; in training mode also update the running statistics.
 
         Training mode, or ``track_running_stats=False``: batch statistics. Eval mode with
@@ -391,14 +475,45 @@ class BatchNorm:
         this call only (Keras's ``layer(x, training=...)``); None uses ``self.training``.
         Returns y with x's shape and dtype. An empty batch (no value per channel) returns an
         empty y and, in training, counts in ``num_batches_tracked`` but leaves the running
-        statistics as they are (PyTorch's behaviour).
+        statistics as they are (PyTorch's behaviour). ``mask`` (Keras's and Flax's): a boolean
+        array shaped like x without its feature axis; when batch statistics are used only its
+        True positions count towards them (and the running statistics); y is computed
+        everywhere. Running statistics in eval mode ignore it, as Keras does.
         """
         training = self.training if training is None else V.flag(training, "training")
         w, b = self._weight, self._bias
         batch_stats = training or not self._track
+        variant: Any = None
         if batch_stats:
             # Raises (bad x, one value per channel, ...) before any state below is touched.
-            x, y, mean, invstd, var, count = self._batch_forward(x, training)
+            if mask is not None:
+                V.exclusive({"mask": True, "renorm": self._renorm and training,
+                             "virtual_batch_size": self._virtual_batch_size})
+                x = self._check_input(x)
+                y, mean, invstd, var, count = _variants._masked_forward(
+                    x, w, b, self._axis, self._eps, self._activation, None, mask)
+                variant = ("mask", mask)
+            elif training and self._renorm:
+                x = self._check_input(x)
+                c = self._renorm_clipping
+                y, mean, invstd, var, count, r, d = _variants._renorm_forward(
+                    x, self._renorm_mean, self._renorm_std, w, b, self._axis, self._eps,
+                    c.get("rmax"), c.get("rmin"), c.get("dmax"))
+                if self._activation == "relu":
+                    y = np.maximum(y, 0, out=y)
+                variant = ("renorm", r, d)
+            elif self._virtual_batch_size is not None:
+                x = self._check_input(x)
+                y, mean, invstd, var, count = _variants._ghost_forward(
+                    x, w, b, self._axis, self._eps, self._virtual_batch_size)
+                if self._activation == "relu":
+                    y = np.maximum(y, 0, out=y)
+                variant = ("ghost", self._virtual_batch_size, mean, invstd)
+                # the running statistics follow the mean of the virtual batches' (Keras 2)
+                mean, var = mean.mean(axis=0), var.mean(axis=0)
+                invstd = invstd_from_var(var, self._eps)
+            else:
+                x, y, mean, invstd, var, count = self._batch_forward(x, training)
         else:
             x = self._check_input(x)
             mean = self._running_mean.astype(np.float64)
@@ -407,9 +522,12 @@ class BatchNorm:
             y = normalize(x, mean, invstd, w, b, axis=self._axis, activation=self._activation)
         if training and self._track:
             self._update_running(mean, var, count)
+        if variant is not None and variant[0] == "renorm" and count > 0:
+            self._update_renorm(mean, var)
         self._ctx = _Context(
             x, y if self._activation == "relu" else None, mean, invstd,
             None if w is None else w.copy(), batch_stats, self._axis, self._activation, count,
+            variant,
         )
         return y
 
@@ -430,7 +548,15 @@ class BatchNorm:
             update_running_stats(self._running_mean, self._running_var, mean, var, count, factor)
         self._num_batches_tracked = n_batches
 
-    __call__ = forward
+    def _update_renorm(self, mean, var):
+        """Keras's update of renorm_mean/renorm_std (momentum is the weight of the old value)."""
+        xp, m = self._xp(), self._renorm_momentum
+        std = xp.sqrt(var + self._eps)
+        self._renorm_mean[...] = m * self._renorm_mean.astype(np.float64) + (1 - m) * mean
+        self._renorm_std[...] = m * self._renorm_std.astype(np.float64) + (1 - m) * std
+
+    # Callable[..., Array]: subclasses (SyncBatchNorm) alias their own forward, without mask
+    __call__: Callable[..., Array] = forward
 
     def backward(self, dy: ArrayLike) -> Array:
         """Gradient through the last successful forward: returns dx, accumulates parameter grads.
@@ -447,18 +573,44 @@ class BatchNorm:
                 "first (pickling, deepcopy and .to() drop the cached forward)"
             )
         V.same_device(dy, "dy", ctx.x, "the forward's input")
-        dx, dweight, dbias = batch_norm_backward(
-            dy, ctx.x, ctx.mean, ctx.invstd, ctx.weight, axis=ctx.axis, training=ctx.training,
-            activation=ctx.activation, y=ctx.y,
-        )
+        if ctx.variant is not None:
+            dx, dweight, dbias = self._variant_backward(ctx, dy)
+        else:
+            dx, dweight, dbias = batch_norm_backward(
+                dy, ctx.x, ctx.mean, ctx.invstd, ctx.weight, axis=ctx.axis,
+                training=ctx.training, activation=ctx.activation, y=ctx.y,
+            )
         self._accumulate_grads(dweight, dbias)
         return dx
 
+    def _variant_backward(self, ctx, dy):
+        kind = ctx.variant[0]
+        if ctx.activation == "relu" and kind != "mask":  # the masked path fuses its ReLU
+            # the ReLU after a variant's forward is its own pass; its mask is applied here
+            be = _functional._backend(ctx.x)
+            dy = _functional._like(be, _functional._array(be, dy, "dy"), "dy", ctx.x)
+            dy = self._xp().where(ctx.y > 0, dy, 0).astype(ctx.x.dtype)
+        if kind == "renorm":
+            _kind, r, d = ctx.variant
+            return _variants.batch_renorm_backward(dy, ctx.x, ctx.mean, ctx.invstd, r, d,
+                                                   ctx.weight, axis=ctx.axis)
+        if kind == "mask":
+            return batch_norm_backward(dy, ctx.x, ctx.mean, ctx.invstd, ctx.weight,
+                                       axis=ctx.axis, training=True, activation=ctx.activation,
+                                       y=ctx.y, mask=ctx.variant[1])
+        if kind == "ghost":
+            _kind, v, mean, invstd = ctx.variant
+            return _variants.ghost_batch_norm_backward(
+                dy, ctx.x, mean, invstd, ctx.weight, virtual_batch_size=v, axis=ctx.axis)
+        raise AssertionError(kind)  # pragma: no cover
+
     def _accumulate_grads(self, dweight, dbias):
         """Add this backward's parameter gradients (nothing when frozen or not affine)."""
-        if self._affine and self._requires_grad:
-            self.grad_weight = self._accumulate(self.grad_weight, dweight)
-            self.grad_bias = self._accumulate(self.grad_bias, dbias)
+        if self._requires_grad:
+            if self._scale:
+                self.grad_weight = self._accumulate(self.grad_weight, dweight)
+            if self._center:
+                self.grad_bias = self._accumulate(self.grad_bias, dbias)
 
     def _accumulate(self, grad, delta):
         if grad is None:
@@ -470,10 +622,14 @@ class BatchNorm:
 
     def _state_keys(self):
         keys = []
-        if self._affine:
-            keys += ["weight", "bias"]
+        if self._scale:
+            keys.append("weight")
+        if self._center:
+            keys.append("bias")
         if self._track:
             keys += ["running_mean", "running_var", "num_batches_tracked"]
+        if self._renorm:
+            keys += ["renorm_mean", "renorm_std"]
         return keys
 
     def state_dict(self, *, destination: Optional[dict[str, Any]] = None,
@@ -547,6 +703,9 @@ class BatchNorm:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        for name, default in _OPTION_DEFAULTS.items():  # layers pickled before the option
+            if name not in self.__dict__:
+                setattr(self, name, default(self))
         self._local = threading.local()
 
     # ----------------------------------------------------------------- device
@@ -562,7 +721,8 @@ class BatchNorm:
             return self
         cupy = _import_cupy(f"BatchNorm.to({device!r})")
         move = cupy.asarray if target == "gpu" else cupy.asnumpy
-        names = ("_weight", "_bias", "_running_mean", "_running_var", "grad_weight", "grad_bias")
+        names = ("_weight", "_bias", "_running_mean", "_running_var", "grad_weight", "grad_bias",
+                 "_renorm_mean", "_renorm_std")
         moved = {n: None if getattr(self, n) is None else move(getattr(self, n)) for n in names}
         for n, a in moved.items():
             setattr(self, n, a)
@@ -576,6 +736,15 @@ class BatchNorm:
             f"momentum={self._momentum}, affine={self._affine}, "
             f"track_running_stats={self._track}"
         )
+        if self._affine and not self._scale:
+            s += ", scale=False"
+        if self._affine and not self._center:
+            s += ", center=False"
+        if self._virtual_batch_size is not None:
+            s += f", virtual_batch_size={self._virtual_batch_size}"
+        if self._renorm:
+            s += f", renorm=True, renorm_clipping={self._renorm_clipping}, "
+            s += f"renorm_momentum={self._renorm_momentum}"
         if self._activation is not None:
             s += f", activation={self._activation!r}"
         if self._dtype != np.float32:

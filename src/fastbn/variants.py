@@ -1,0 +1,418 @@
+"""The batch-norm variants other frameworks offer, built from fastbn's functional verbs.
+
+Re-exported by ``fastbn.functional`` (import them from there). Every function validates its
+arguments with ``fastbn._validation`` before it allocates or writes anything, as the rest of the
+functional API does, and then composes the existing verbs (``normalize``, ``channel_moments``,
+``batch_norm_backward``, ...) so that each variant inherits their layouts, dtypes, threading and
+bitwise thread-count invariance. See docs/guide/variants.md for the peers each one follows.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+from . import _validation as V
+from . import functional as F
+from ._layout import Output
+
+if TYPE_CHECKING:
+    from ._typing import Array, ArrayLike, F64Array
+
+__all__ = ["fixed_batch_norm", "fixed_batch_norm_backward", "batch_renorm_forward",
+           "batch_renorm_backward", "ghost_batch_norm_forward", "ghost_batch_norm_backward",
+           "batch_norm_double_backward"]
+
+
+# --------------------------------------------------------------------------- frozen statistics
+
+def _fixed_args(x, mean, var, weight, axis, eps):
+    be = F._backend(x)
+    x, layout = F._input(be, x, axis)
+    C = layout.C
+    mean = F._required(be, mean, "mean", C)
+    var = F._required(be, var, "var", C)
+    weight = F._chan(be, weight, "weight", C)
+    eps = V.eps(eps)
+    return be, x, C, mean, var, weight, F.invstd_from_var(var, eps)
+
+
+def fixed_batch_norm(x: ArrayLike, mean: ArrayLike, var: ArrayLike,
+                     weight: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, *,
+                     axis: int = 1, eps: float = 1e-5) -> Array:
+    """Batch norm with given statistics: y = (x - mean) / sqrt(var + eps) * weight + bias.
+
+    Chainer's ``fixed_batch_normalization``: the statistics are inputs (not x's), so the
+    gradient also flows to them (``fixed_batch_norm_backward``). One pass over x.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastbn.functional import fixed_batch_norm
+    >>> fixed_batch_norm(np.array([[1.0, 4.0]]), np.array([0.0, 2.0]), np.array([1.0, 4.0]),
+    ...                  eps=0.0)
+    array([[1., 1.]])
+    """
+    be, x, C, mean, var, weight, invstd = _fixed_args(x, mean, var, weight, axis, eps)
+    bias = F._chan(be, bias, "bias", C)
+    return F.normalize(x, mean, invstd, weight, bias, axis=axis)
+
+
+def fixed_batch_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, var: ArrayLike,
+                              weight: Optional[ArrayLike] = None, *, axis: int = 1,
+                              eps: float = 1e-5
+                              ) -> tuple[Array, Array, Array, Array, Array]:
+    """Gradients of ``fixed_batch_norm``: (dx, dmean, dvar, dweight, dbias).
+
+    With s = 1/sqrt(var + eps) and g = dy: dx = g * weight * s, dbias = sum(g),
+    dweight = sum(g * (x - mean) * s), dmean = -weight * s * sum(g) and
+    dvar = -weight * s**2 * dweight / 2 (per channel). Two passes over x (the sums, then dx).
+    dmean, dvar, dweight and dbias come back in x's compute dtype (float32 for float16). Where
+    var + eps == 0, s is taken as 0 (as in the forward), and so are dx, dmean and dvar.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastbn.functional import fixed_batch_norm_backward
+    >>> x = np.array([[1.0], [3.0]])
+    >>> dx, dmean, dvar, dw, db = fixed_batch_norm_backward(np.ones_like(x), x, np.array([1.0]),
+    ...                                                     np.array([4.0]), eps=0.0)
+    >>> dx[:, 0], dmean, dvar, dw, db
+    (array([0.5, 0.5]), array([-1.]), array([-0.125]), array([1.]), array([2.]))
+    """
+    return _fixed_batch_norm_backward(dy, x, mean, var, weight, axis, eps)
+
+
+def _fixed_batch_norm_backward(dy, x, mean, var, weight, axis, eps):
+    _be, x, _C, mean, var, weight, invstd = _fixed_args(x, mean, var, weight, axis, eps)
+    dx, dweight, dbias = F.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis,
+                                               training=False)
+    gdt = dweight.dtype
+    w = 1.0 if weight is None else weight.astype(invstd.dtype)
+    dmean = (-(w * invstd) * dbias).astype(gdt)
+    dvar = (-0.5 * w * invstd * invstd * dweight).astype(gdt)
+    return dx, dmean, dvar, dweight, dbias
+
+
+# --------------------------------------------------------------------------- batch renormalization
+
+def _renorm_forward(x, renorm_mean, renorm_std, weight, bias, axis, eps, rmax, rmin, dmax):
+    """(y, mean, invstd, var, count, r, d) of batch renormalization, arguments validated here."""
+    be = F._backend(x)
+    x, layout = F._input(be, x, axis)
+    C = layout.C
+    renorm_mean = F._required(be, renorm_mean, "renorm_mean", C)
+    renorm_std = F._required(be, renorm_std, "renorm_std", C)
+    weight = F._chan(be, weight, "weight", C)
+    bias = F._chan(be, bias, "bias", C)
+    eps = V.eps(eps)
+    rmax, rmin, dmax = V.renorm_bounds(rmax, rmin, dmax)
+    ref = V.renorm_reference(renorm_std, eps)
+    n = V.training_count(layout.count, x.shape)
+    xp = be.xp
+    if n == 0:
+        var = be.zeros(C)
+        y = F.normalize(x, var, var, weight, bias, axis=axis)
+        return y, be.zeros(C), be.invstd(var, eps), var, 0, xp.ones(C), be.zeros(C)
+    _n, mean, m2 = F.channel_moments(x, axis=axis)
+    var = m2 / n
+    invstd = F.invstd_from_var(var, eps)
+    r = xp.sqrt(var + eps) / ref
+    d = (mean - renorm_mean.astype(xp.float64)) / ref
+    if rmin is not None or rmax is not None:
+        r = xp.clip(r, rmin, rmax)
+    if dmax is not None:
+        d = xp.clip(d, -dmax, dmax)
+    gamma = 1.0 if weight is None else weight.astype(xp.float64)
+    beta = 0.0 if bias is None else bias.astype(xp.float64)
+    y = F.normalize(x, mean, invstd * r, weight, beta + gamma * d, axis=axis)
+    return y, mean, invstd, var, n, r, d
+
+
+def batch_renorm_forward(x: ArrayLike, renorm_mean: ArrayLike, renorm_std: ArrayLike,
+                         weight: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None,
+                         *, axis: int = 1, eps: float = 1e-5, rmax: Optional[float] = None,
+                         rmin: Optional[float] = None, dmax: Optional[float] = None
+                         ) -> tuple[Array, F64Array, F64Array, F64Array, F64Array]:
+    """Batch renormalization (Ioffe 2017) in training: returns (y, mean, invstd, r, d).
+
+    With the batch's mean and std = sqrt(var + eps) and the reference statistics
+    ``renorm_mean``/``renorm_std`` (Keras's ``renorm_mean``/``renorm_stddev`` moving averages;
+    values below sqrt(eps) are raised to it, as Keras does): ref = max(renorm_std, sqrt(eps)),
+    r = clip(std / ref, rmin, rmax), d = clip((mean - renorm_mean) / ref, -dmax, dmax), and
+    y = weight * ((x - mean) * invstd * r + d) + bias. A bound left None does not clip
+    (Keras's defaults: rmin 0, rmax and dmax infinite; the paper clips r to [1/rmax, rmax]:
+    pass ``rmin=1/rmax``). Two passes over x, as plain batch norm: the statistics, then
+    ``normalize``. r and d (float64) are constants for the backward
+    (``batch_renorm_backward``). Nothing is updated: the layer (``BatchNorm(renorm=True)``)
+    keeps the moving statistics.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastbn.functional import batch_renorm_forward
+    >>> x = np.array([[0.0], [4.0]])
+    >>> y, mean, invstd, r, d = batch_renorm_forward(x, np.array([0.0]), np.array([1.0]),
+    ...                                              eps=0.0, rmax=3.0, dmax=1.0)
+    >>> y[:, 0], r, d
+    (array([-1.,  3.]), array([2.]), array([1.]))
+    """
+    y, mean, invstd, _var, _n, r, d = _renorm_forward(x, renorm_mean, renorm_std, weight, bias,
+                                                      axis, eps, rmax, rmin, dmax)
+    return y, mean, invstd, r, d
+
+
+def batch_renorm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
+                          r: ArrayLike, d: ArrayLike, weight: Optional[ArrayLike] = None, *,
+                          axis: int = 1) -> tuple[Array, Array, Array]:
+    """Gradients of ``batch_renorm_forward`` with r and d held constant: (dx, dweight, dbias).
+
+    dx is batch norm's training backward with weight * r; dweight = r * sum(g * x_hat) +
+    d * sum(g), dbias = sum(g) (x_hat = (x - mean) * invstd). Two passes, as plain backward.
+    """
+    return _batch_renorm_backward(dy, x, mean, invstd, r, d, weight, axis)
+
+
+def _batch_renorm_backward(dy, x, mean, invstd, r, d, weight, axis):
+    be = F._backend(x)
+    x, layout = F._input(be, x, axis)
+    C = layout.C
+    r = F._required(be, r, "r", C)
+    d = F._required(be, d, "d", C)
+    weight = F._chan(be, weight, "weight", C)
+    xp = be.xp
+    w_eff = r.astype(xp.float64) if weight is None else weight.astype(xp.float64) * r
+    dx, dw, db = F.batch_norm_backward(dy, x, mean, invstd, w_eff, axis=axis, training=True)
+    dweight = (r * dw + d * db).astype(dw.dtype)
+    return dx, dweight, db
+
+
+# --------------------------------------------------------------------------- ghost batches
+
+def _ghost_args(be, x, axis, virtual_batch_size):
+    x, layout = F._input(be, x, axis)
+    ax = V.axis(axis, x.ndim, x.shape)
+    v = V.virtual_batch_size(V.required(virtual_batch_size, "virtual_batch_size", "1"),
+                             x.shape, ax)
+    return x, layout, v, (x.shape[0] // v if v else 0)
+
+
+def _ghost_forward(x, weight, bias, axis, eps, virtual_batch_size):
+    """(y, mean (G, C), invstd (G, C), var (G, C), count per virtual batch)."""
+    be = F._backend(x)
+    x, layout, v, G = _ghost_args(be, x, axis, virtual_batch_size)
+    C = layout.C
+    weight = F._chan(be, weight, "weight", C)
+    bias = F._chan(be, bias, "bias", C)
+    eps = V.eps(eps)
+    n = V.training_count(layout.count // G if G else 0, x[:v].shape)
+    xp = be.xp
+    y = xp.empty_like(x)  # x's layout; each x[g*v:(g+1)*v] and y[...] is a view, no copy
+    mean, invstd, var = (xp.zeros((G, C)) for _ in range(3))
+    for g in range(G):
+        sl = slice(g * v, (g + 1) * v)
+        _y, mean[g], invstd[g], var[g], _n = F.forward_with_stats(x[sl], weight, bias,
+                                                                  axis=axis, eps=eps, out=y[sl])
+    return y, mean, invstd, var, n
+
+
+def ghost_batch_norm_forward(x: ArrayLike, weight: Optional[ArrayLike] = None,
+                             bias: Optional[ArrayLike] = None, *, virtual_batch_size: int,
+                             axis: int = 1, eps: float = 1e-5
+                             ) -> tuple[Array, F64Array, F64Array]:
+    """Ghost batch norm (Hoffer et al. 2017; Keras's ``virtual_batch_size``).
+
+    Axis 0 of x is split into N / virtual_batch_size consecutive virtual batches, each
+    normalised with its own statistics (a view of x: no copy). Returns (y, mean, invstd) with
+    mean and invstd shaped (G, C), one row per virtual batch. N must be a multiple of
+    ``virtual_batch_size`` and axis 0 must not be the feature axis (ValueError otherwise).
+    """
+    y, mean, invstd, _var, _n = _ghost_forward(x, weight, bias, axis, eps, virtual_batch_size)
+    return y, mean, invstd
+
+
+def ghost_batch_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
+                              weight: Optional[ArrayLike] = None, *, virtual_batch_size: int,
+                              axis: int = 1) -> tuple[Array, Array, Array]:
+    """Gradients of ``ghost_batch_norm_forward``: (dx, dweight, dbias), the training backward
+    of each virtual batch with its own statistics; dweight and dbias are summed over them."""
+    return _ghost_batch_norm_backward(dy, x, mean, invstd, weight, virtual_batch_size, axis)
+
+
+def _ghost_batch_norm_backward(dy, x, mean, invstd, weight, virtual_batch_size, axis):
+    be = F._backend(x)
+    x, layout, v, G = _ghost_args(be, x, axis, virtual_batch_size)
+    C = layout.C
+    dy = F._like(be, dy, "dy", x)
+    mean = V.ghost_stats(F._array(be, mean, "mean"), "mean", G, C)
+    invstd = V.ghost_stats(F._array(be, invstd, "invstd"), "invstd", G, C)
+    weight = F._chan(be, weight, "weight", C)
+    V.training_count(layout.count // G if G else 0, x[:v].shape)
+    xp = be.xp
+    dx = xp.empty_like(x)
+    dweight, dbias = xp.zeros(C), xp.zeros(C)
+    gdt = F._grad_dtype(x.dtype)
+    for g in range(G):
+        sl = slice(g * v, (g + 1) * v)
+        dx[sl], dw, db = F.batch_norm_backward(dy[sl], x[sl], mean[g], invstd[g], weight,
+                                               axis=axis)
+        dweight += dw
+        dbias += db
+    return dx, dweight.astype(gdt), dbias.astype(gdt)
+
+
+# --------------------------------------------------------------------------- double backward
+
+def batch_norm_double_backward(ddx: Optional[ArrayLike], ddweight: Optional[ArrayLike],
+                               ddbias: Optional[ArrayLike], dy: ArrayLike, x: ArrayLike,
+                               mean: ArrayLike, invstd: ArrayLike,
+                               weight: Optional[ArrayLike] = None, *, axis: int = 1,
+                               training: bool = True) -> tuple[Array, Array, Array]:
+    """The gradient of ``batch_norm_backward``: returns (ddy, dx, dweight).
+
+    ``batch_norm_backward`` maps (dy, x, weight) to (dx, dweight, dbias); given the gradients
+    ``ddx``, ``ddweight``, ``ddbias`` of a loss with respect to those three outputs (any may be
+    None: zero), this returns that loss's gradients with respect to dy, x and weight, as
+    PyTorch's ``batchnorm_double_backward`` (``torch.autograd.grad(..., create_graph=True)``).
+    ``mean``/``invstd`` are the forward's: x's batch statistics when ``training`` (they are
+    then differentiated as functions of x), constants otherwise. Without ``weight`` gamma = 1
+    and dweight is the gradient with respect to that implicit gamma.
+
+    Computed in float64 NumPy on x's canonical (O, C, I) view (about ten passes over x-sized
+    arrays, against the kernels' two for the first backward); ddy and dx come back in x's
+    dtype, dweight in its compute dtype.
+    """
+    return _batch_norm_double_backward(ddx, ddweight, ddbias, dy, x, mean, invstd, weight, axis,
+                                       training)
+
+
+def _batch_norm_double_backward(ddx, ddweight, ddbias, dy, x, mean, invstd, weight, axis,
+                                training):
+    be = F._backend(x)
+    x, layout = F._input(be, x, axis)
+    C = layout.C
+    xp = be.xp
+    dy = F._like(be, dy, "dy", x)
+    ddx = None if ddx is None else F._like(be, ddx, "ddx", x)
+    ddweight = F._chan(be, ddweight, "ddweight", C)
+    ddbias = F._chan(be, ddbias, "ddbias", C)
+    mean = F._required(be, mean, "mean", C)
+    invstd = F._required(be, invstd, "invstd", C)
+    weight = F._chan(be, weight, "weight", C)
+    training = V.flag(training, "training")
+    if training:
+        V.training_count(layout.count, x.shape)
+    n = layout.count
+    f8 = xp.float64
+    c3 = lambda a: a.astype(f8).reshape(1, C, 1)  # noqa: E731
+    red = (0, 2)
+    x3 = layout.canon(x, f8)
+    g = layout.canon(dy, f8)
+    dd = xp.zeros_like(x3) if ddx is None else layout.canon(ddx, f8)
+    ddw = xp.zeros((1, C, 1)) if ddweight is None else c3(ddweight)
+    ddb = xp.zeros((1, C, 1)) if ddbias is None else c3(ddbias)
+    s = c3(invstd)
+    w = xp.ones((1, C, 1)) if weight is None else c3(weight)
+    xhat = (x3 - c3(mean)) * s
+    if n == 0:
+        ddy3, dx3, dweight = xp.zeros_like(x3), xp.zeros_like(x3), xp.zeros(C)
+    elif not training:
+        ddy3 = ddb + ddw * xhat + w * s * dd
+        dx3 = ddw * s * g
+        dweight = (dd * s * g).sum(axis=red)
+    else:
+        def proj(a):  # P a = a - mean(a) - xhat * mean(a * xhat), per channel (symmetric)
+            return (a - a.mean(axis=red, keepdims=True)
+                    - xhat * (a * xhat).mean(axis=red, keepdims=True))
+
+        db = g.sum(axis=red, keepdims=True)
+        dw = (g * xhat).sum(axis=red, keepdims=True)
+        pg, pdd = proj(g), proj(dd)
+        ddy3 = ddb + ddw * xhat + w * s * pdd
+        t = (dd * xhat).sum(axis=red, keepdims=True)
+        inner = (dd * g).sum(axis=red, keepdims=True) - dd.sum(axis=red, keepdims=True) * db / n \
+            - t * dw / n
+        dx3 = (-w * s * s / n) * (xhat * inner + dw * pdd + t * pg) + ddw * s * pg
+        dweight = (dd * s * pg).sum(axis=red)
+    gdt = F._grad_dtype(x.dtype)
+    return (layout.to_user(ddy3.astype(x.dtype)), layout.to_user(dx3.astype(x.dtype)),
+            dweight.astype(gdt))
+
+
+# --------------------------------------------------------------------------- masked statistics
+
+def _mask3(be, layout, mask, x, ax):
+    """mask (x's shape without axis ax) as a (O, 1, I) float64 array in x's canonical order."""
+    xp = be.xp
+    mask = V.mask(F._array(be, mask, "mask"), x.shape, ax)
+    mk = xp.expand_dims(mask, ax)
+    if layout.perm is not None:
+        mk = mk.transpose(layout.perm)
+    return mask, xp.ascontiguousarray(mk, dtype=xp.float64).reshape(layout.O, 1, layout.I)
+
+
+def _masked_forward(x, weight, bias, axis, eps, activation, out, mask):
+    """(y, mean, invstd, var, count) with statistics over the masked-in positions only."""
+    be = F._backend(x)
+    x, layout = F._input(be, x, axis)
+    ax = V.axis(axis, x.ndim, x.shape)
+    C = layout.C
+    weight = F._chan(be, weight, "weight", C)
+    bias = F._chan(be, bias, "bias", C)
+    eps = V.eps(eps)
+    relu = V.activation(activation)
+    out = F._out(be, out, x)
+    _mask, mk = _mask3(be, layout, mask, x, ax)
+    xp = be.xp
+    n = int(mk.sum()) if mk.size else 0
+    V.mask_count(n, x.size)
+    dest = Output(be, layout, x, out, (x,))
+    if x.size == 0:
+        var = be.zeros(C)
+        return dest.finish(), be.zeros(C), be.invstd(var, eps), var, 0
+    x3 = layout.canon(x, xp.float64)
+    mean = (x3 * mk).sum(axis=(0, 2)) / n
+    xc = x3 - mean.reshape(1, C, 1)
+    var = (xc * xc * mk).sum(axis=(0, 2)) / n  # two-pass: centred before squaring
+    invstd = be.invstd(var, eps)
+    scale = invstd if weight is None else invstd * weight.astype(xp.float64)
+    y3 = xc * scale.reshape(1, C, 1)
+    if bias is not None:
+        y3 += bias.astype(xp.float64).reshape(1, C, 1)
+    if relu:
+        xp.maximum(y3, 0, out=y3)
+    dest.target[...] = y3
+    return dest.finish(), mean, invstd, var, n
+
+
+def _masked_backward(dy, x, mean, invstd, weight, axis, training, activation, y, mask):
+    be = F._backend(x)
+    x, layout = F._input(be, x, axis)
+    ax = V.axis(axis, x.ndim, x.shape)
+    C = layout.C
+    dy = F._like(be, dy, "dy", x)
+    mean = F._required(be, mean, "mean", C)
+    invstd = F._required(be, invstd, "invstd", C)
+    weight = F._chan(be, weight, "weight", C)
+    y = F._relu_y(be, y, x, V.activation(activation))
+    _mask, mk = _mask3(be, layout, mask, x, ax)
+    xp = be.xp
+    gdt = F._grad_dtype(x.dtype)
+    if not training:  # the statistics are constants: the mask plays no part
+        return F.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis, training=False,
+                                     activation=activation, y=y)
+    n = int(mk.sum()) if mk.size else 0
+    V.mask_count(n, x.size)
+    dest = Output(be, layout, x, None, ())
+    if x.size == 0:
+        return dest.finish(), be.zeros(C).astype(gdt), be.zeros(C).astype(gdt)
+    f8 = xp.float64
+    g = layout.canon(dy, f8)
+    if y is not None:
+        g = g * (layout.canon(y, f8) > 0)
+    s = invstd.astype(f8).reshape(1, C, 1)
+    xhat = (layout.canon(x, f8) - mean.astype(f8).reshape(1, C, 1)) * s
+    sg = g.sum(axis=(0, 2))
+    sgx = (g * xhat).sum(axis=(0, 2))
+    ws = s if weight is None else s * weight.astype(f8).reshape(1, C, 1)
+    corr = (sg.reshape(1, C, 1) + xhat * sgx.reshape(1, C, 1)) * (mk / n)
+    dest.target[...] = ws * (g - corr)
+    return dest.finish(), sgx.astype(gdt), sg.astype(gdt)
