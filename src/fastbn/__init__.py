@@ -8,8 +8,10 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the machine
     raise ImportError(
         "fastbn: could not load its compiled kernels (fastbn._kernels): "
-        f"{exc}. The usual causes are a build that did not run (reinstall with "
-        "`pip install .` from a source checkout) or a missing OpenMP runtime "
+        f"{exc}. The usual causes are a build that did not run (in a source checkout: "
+        "`python setup.py build_ext --inplace` and PYTHONPATH=src, or `pip install .` and import "
+        "from outside the checkout, whose src/ would shadow the installed copy) or a missing "
+        "OpenMP runtime "
         "(install libgomp1 on Debian/Ubuntu, libomp on macOS)."
     ) from exc
 
