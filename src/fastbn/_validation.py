@@ -87,10 +87,30 @@ def integer(value, name, expected="an int"):
 
 
 def num_features(value):
+    """A positive int, or (several feature axes) a non-empty tuple/list of them -> a tuple."""
+    if isinstance(value, (tuple, list)):
+        if not value:
+            raise ValueError("num_features: expected a positive int or a non-empty tuple of "
+                             "them, got ()")
+        return tuple(num_features(v) for v in value)
     n = integer(value, "num_features", "a positive int")
     if n < 1:
         raise ValueError(f"num_features: expected a positive int, got {n}")
     return n
+
+
+def layer_axis(value, features):
+    """A layer's axis: an int for an int num_features, a tuple of as many distinct ints as
+    num_features has entries for a tuple one (normalised against x's ndim at each call)."""
+    if isinstance(features, tuple):
+        if not isinstance(value, (tuple, list)) or len(value) != len(features):
+            raise ValueError(f"axis: expected a tuple of {len(features)} feature axes for "
+                             f"num_features={features}, got {value!r}")
+        axes = tuple(integer(a, "axis") for a in value)
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"axis: expected distinct feature axes, got {axes}")
+        return axes
+    return integer(value, "axis")
 
 
 def count(value, name="count"):
@@ -150,6 +170,30 @@ def axis(value, ndim, shape):
             f"axis: expected an int in [{-ndim}, {ndim - 1}] for x of shape {shape}, got {ax}"
         )
     return ax % ndim
+
+
+def feature_axes(value, ndim, shape):
+    """Several feature axes: a tuple or list of distinct ints in [-ndim, ndim), leaving at
+    least one axis to reduce over; returns them normalised and sorted."""
+    if not isinstance(value, (tuple, list)) or not value:
+        raise TypeError(f"axis: expected an int or a non-empty tuple of ints, got "
+                        f"{_kind(value)}")
+    axes = sorted(axis(a, ndim, shape) for a in value)
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"axis: expected distinct feature axes, got {tuple(value)}")
+    if len(axes) >= ndim:
+        raise ValueError(f"axis: expected fewer feature axes than the {ndim} dimensions of x "
+                         f"(statistics need an axis to reduce over), got {tuple(value)}")
+    return tuple(axes)
+
+
+def features(a, name, fshape):
+    """A per-feature array over several feature axes: floating, shape fshape."""
+    floating(a, name)
+    if a.shape != tuple(fshape):
+        raise ValueError(f"{name}: expected shape {tuple(fshape)} (one value per feature), got "
+                         f"{a.shape}")
+    return a
 
 
 def unit_interval(value, name):
@@ -476,11 +520,13 @@ def same_device(a, name, ref, what):
 
 
 def assigned_channel(a, name, C):
-    """A value assigned to a layer's (C,) array: real (integers too), shape (C,)."""
+    """A value assigned to a layer's per-feature array: real (integers too), shape (C,), or
+    num_features itself when that is a tuple (several feature axes)."""
     if a.dtype.kind not in "fiu":
         raise TypeError(f"{name}: expected a real (floating-point) array, got dtype {a.dtype}")
-    if a.shape != (C,):
-        raise ValueError(f"{name}: expected shape ({C},) (num_features), got {a.shape}")
+    shape = C if isinstance(C, tuple) else (C,)
+    if a.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape} (num_features), got {a.shape}")
     return a
 
 
@@ -520,6 +566,13 @@ def layer_input(x, dtype, num_features, ax):
             f"(convert x, or create the layer with dtype={x.dtype})"
         )
     batch(x)
+    if isinstance(num_features, tuple):
+        axes = feature_axes(ax, x.ndim, x.shape)
+        # the parameters are laid out in x's axis order (axes sorted), whatever order ax has
+        if tuple(x.shape[a] for a in axes) != num_features:
+            raise ValueError(f"x: expected {num_features} features (num_features) on axes "
+                             f"{tuple(ax)}, got shape {x.shape}")
+        return x
     a = axis(ax, x.ndim, x.shape)
     if x.shape[a] != num_features:
         raise ValueError(
@@ -568,3 +621,10 @@ def float_batch(x, features, name="x"):
     if x.ndim != 2 or x.shape[1] != features:
         raise ValueError(f"{name}: expected shape (n, {features}), got {x.shape}")
     return x
+
+
+def single_axis(features, option):
+    """An option that works over one feature axis only."""
+    if isinstance(features, tuple):
+        raise ValueError(f"{option}: not supported with several feature axes "
+                         f"(num_features={features})")

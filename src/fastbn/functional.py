@@ -129,7 +129,8 @@ def channel_moments(x: ArrayLike, *, axis: int = 1) -> tuple[int, F64Array, F64A
     """Per-channel (count, mean, M2) of x, M2 = sum((x - mean)**2), all float64.
 
     The triple merges exactly across batches or processes (Chan et al.); ``var = M2 / count``.
-    An empty batch gives count 0 and zeros.
+    An empty batch gives count 0 and zeros. ``axis`` may be a tuple of feature axes (the
+    statistics then have their shape).
 
     Examples
     --------
@@ -138,6 +139,8 @@ def channel_moments(x: ArrayLike, *, axis: int = 1) -> tuple[int, F64Array, F64A
     >>> channel_moments(np.array([[1.0, 2.0], [3.0, 6.0]]))
     (2, array([2., 4.]), array([2., 8.]))
     """
+    if isinstance(axis, (tuple, list)):
+        return _variants.axes_channel_moments(x, axis)
     be = _backend(x)
     x, layout = _input(be, x, axis)
     if _empty(layout):
@@ -155,6 +158,8 @@ def normalize(x: ArrayLike, mean: ArrayLike, invstd: ArrayLike, weight: Optional
                                     get_num_threads())
         if y is not None:
             return y
+    if isinstance(axis, (tuple, list)):
+        return _variants.axes_normalize(x, mean, invstd, weight, bias, axis, activation, out)
     be = _backend(x)
     x, layout = _input(be, x, axis)
     C = layout.C
@@ -319,6 +324,8 @@ def forward_with_stats(x: ArrayLike, weight: Optional[ArrayLike] = None,
                                              get_num_threads())
         if r is not None:
             return r
+    if isinstance(axis, (tuple, list)):
+        return _variants.axes_forward_with_stats(x, weight, bias, axis, eps, activation, out)
     be = _backend(x)
     x, layout = _input(be, x, axis)
     C = layout.C
@@ -374,6 +381,9 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: Ar
                                               activation, y, get_num_threads())
     if grads is not None:
         return grads
+    if isinstance(axis, (tuple, list)):
+        return _variants.axes_backward(dy, x, mean, invstd, weight, axis, training, activation,
+                                       y)
     be = _backend(x)
     x, layout = _input(be, x, axis)
     C = layout.C
@@ -439,6 +449,9 @@ def batch_norm(input: ArrayLike, running_mean: Optional[ArrayLike],
                                      momentum, eps, axis, activation, get_num_threads())
         if y is not None:
             return y
+    if isinstance(axis, (tuple, list)):
+        return _variants.axes_batch_norm(x, running_mean, running_var, weight, bias, training,
+                                         momentum, eps, axis, activation, out)
     be = _backend(x)
     x, layout = _input(be, x, axis)
     C = layout.C

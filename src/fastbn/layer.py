@@ -188,7 +188,7 @@ class BatchNorm:
                  renorm_momentum: float = 0.99,
                  virtual_batch_size: Optional[int] = None) -> None:
         self._num_features = V.num_features(num_features)
-        self._axis = V.integer(axis, "axis")
+        self._axis = V.layer_axis(axis, self._num_features)
         self._eps = V.eps(eps)
         self._momentum = V.momentum(momentum, allow_none=True)
         self._affine = V.flag(affine, "affine")
@@ -206,6 +206,9 @@ class BatchNorm:
         for option in ("renorm", "virtual_batch_size"):
             if getattr(self, "_" + option):
                 V.not_sync(self, option)
+                V.single_axis(self._num_features, option)
+        if isinstance(self._num_features, tuple):
+            V.not_sync(self, "num_features")
         self.training = True
         self._device = "cpu"
         C, dt = self._num_features, self._dtype
@@ -224,7 +227,8 @@ class BatchNorm:
 
     # ----------------------------------------------------------------- options
 
-    num_features = property(lambda self: self._num_features, doc="C (read-only).")
+    num_features = property(lambda self: self._num_features,
+                            doc="C, or the feature shape for several feature axes (read-only).")
     affine = property(lambda self: self._affine,
                       doc="The affine option (read-only); see scale and center for which exist.")
     scale = property(lambda self: self._scale, doc="Whether weight (gamma) exists (read-only).")
@@ -253,7 +257,7 @@ class BatchNorm:
 
     @axis.setter
     def axis(self, value):
-        self._axis = V.integer(value, "axis")
+        self._axis = V.layer_axis(value, self._num_features)
 
     @property
     def eps(self):
@@ -517,7 +521,8 @@ class BatchNorm:
         else:
             x = self._check_input(x)
             mean = self._running_mean.astype(np.float64)
-            invstd = invstd_from_var(self._running_var, self._eps)
+            invstd = invstd_from_var(self._running_var.reshape(-1), self._eps).reshape(
+                self._running_var.shape)
             var = count = None
             y = normalize(x, mean, invstd, w, b, axis=self._axis, activation=self._activation)
         if training and self._track:
@@ -545,7 +550,9 @@ class BatchNorm:
         n_batches = self._num_batches_tracked + 1
         if count > 0:  # an empty batch is counted but moves nothing
             factor = 1.0 / n_batches if self._momentum is None else self._momentum
-            update_running_stats(self._running_mean, self._running_var, mean, var, count, factor)
+            # flat views: a layer over several feature axes keeps (C, H, ...) arrays
+            update_running_stats(self._running_mean.reshape(-1), self._running_var.reshape(-1),
+                                 mean.reshape(-1), var.reshape(-1), count, factor)
         self._num_batches_tracked = n_batches
 
     def _update_renorm(self, mean, var):

@@ -416,3 +416,132 @@ def _masked_backward(dy, x, mean, invstd, weight, axis, training, activation, y,
     corr = (sg.reshape(1, C, 1) + xhat * sgx.reshape(1, C, 1)) * (mk / n)
     dest.target[...] = ws * (g - corr)
     return dest.finish(), sgx.astype(gdt), sg.astype(gdt)
+
+
+# --------------------------------------------------------------------------- several feature axes
+# Chainer's reduced axes / Keras 2's list of axes: gamma, beta and the statistics shaped over
+# several axes, e.g. (C, H). The feature axes are brought together (a transposed view) and
+# merged into one (a reshape: a view when the array is contiguous in that order, as adjacent
+# axes of a C-contiguous x are, else one copy); the single-axis functions then run on the
+# merged view and their results are split back.
+
+class _FeatureAxes:
+    """How x's feature axes map onto one merged axis."""
+
+    def __init__(self, x, axis):
+        axes = V.feature_axes(axis, x.ndim, x.shape)
+        others = [i for i in range(x.ndim) if i not in axes]
+        self.pos = axes[0]  # every axis before the first feature axis is a reduced one
+        self.perm = tuple(others[:self.pos]) + axes + tuple(others[self.pos:])
+        self.inv = tuple(self.perm.index(i) for i in range(x.ndim))
+        self.fshape = tuple(x.shape[a] for a in axes)
+        self.moved = tuple(x.shape[p] for p in self.perm)
+        k = len(axes)
+        self.merged = self.moved[:self.pos] + (int(_prod(self.fshape)),) + self.moved[self.pos + k:]
+
+    def merge(self, a):
+        return None if a is None else a.transpose(self.perm).reshape(self.merged)
+
+    def split(self, a):
+        return a.reshape(self.moved).transpose(self.inv)
+
+    def flat(self, be, a, name):
+        """A per-feature array (shape fshape) as the merged axis's 1-D array (a view if
+        contiguous)."""
+        if a is None:
+            return None
+        return V.features(F._array(be, a, name), name, self.fshape).reshape(-1)
+
+    def unflat(self, v):
+        return v.reshape(self.fshape)
+
+
+def _prod(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _axes_input(x, axis):
+    be = F._backend(x)
+    x = V.batch(V.floating(F._array(be, x, "x"), "x"))
+    return be, x, _FeatureAxes(x, axis)
+
+
+def _write_out(be, out, x, y):
+    """y into the caller's out= (checked like the single-axis functions' out)."""
+    if out is None:
+        return y
+    out = F._out(be, out, x)
+    out[...] = y
+    return out
+
+
+def axes_forward_with_stats(x, weight, bias, axis, eps, activation, out):
+    """forward_with_stats over several feature axes (statistics shaped like them)."""
+    be, x, fa = _axes_input(x, axis)
+    w, b = fa.flat(be, weight, "weight"), fa.flat(be, bias, "bias")
+    if out is not None:
+        F._out(be, out, x)
+    y, mean, invstd, var, n = F.forward_with_stats(fa.merge(x), w, b, axis=fa.pos, eps=eps,
+                                                   activation=activation)
+    return (_write_out(be, out, x, fa.split(y)), fa.unflat(mean), fa.unflat(invstd),
+            fa.unflat(var), n)
+
+
+def axes_normalize(x, mean, invstd, weight, bias, axis, activation, out):
+    be, x, fa = _axes_input(x, axis)
+    args = [fa.flat(be, a, n) for a, n in ((mean, "mean"), (invstd, "invstd"),
+                                           (weight, "weight"), (bias, "bias"))]
+    for a, n in zip(args[:2], ("mean", "invstd")):
+        V.required(a, n, fa.fshape)
+    if out is not None:
+        F._out(be, out, x)
+    y = F.normalize(fa.merge(x), *args, axis=fa.pos, activation=activation)
+    return _write_out(be, out, x, fa.split(y))
+
+
+def axes_channel_moments(x, axis):
+    be, x, fa = _axes_input(x, axis)
+    n, mean, m2 = F.channel_moments(fa.merge(x), axis=fa.pos)
+    return n, fa.unflat(mean), fa.unflat(m2)
+
+
+def axes_backward(dy, x, mean, invstd, weight, axis, training, activation, y):
+    be, x, fa = _axes_input(x, axis)
+    dy = F._like(be, dy, "dy", x)
+    mean = V.required(fa.flat(be, mean, "mean"), "mean", fa.fshape)
+    invstd = V.required(fa.flat(be, invstd, "invstd"), "invstd", fa.fshape)
+    w = fa.flat(be, weight, "weight")
+    if y is not None:
+        y = F._like(be, y, "y", x)
+    dx, dw, db = F.batch_norm_backward(fa.merge(dy), fa.merge(x), mean, invstd, w, axis=fa.pos,
+                                       training=training, activation=activation,
+                                       y=fa.merge(y))
+    return fa.split(dx), fa.unflat(dw), fa.unflat(db)
+
+
+def axes_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, axis,
+                    activation, out):
+    be, x, fa = _axes_input(x, axis)
+    w, b = fa.flat(be, weight, "weight"), fa.flat(be, bias, "bias")
+    running = []
+    for a, name in ((running_mean, "running_mean"), (running_var, "running_var")):
+        if a is None:
+            running.append((None, None))
+            continue
+        if training:  # written in place: through a flat view, or a copy written back
+            a = V.features(V.writable(a, name, be.xp), name, fa.fshape)
+            flat = a.reshape(-1)
+            running.append((a, flat))
+        else:
+            running.append((None, fa.flat(be, a, name)))
+    if out is not None:
+        F._out(be, out, x)
+    y = F.batch_norm(fa.merge(x), running[0][1], running[1][1], w, b, training, momentum, eps,
+                     axis=fa.pos, activation=activation)
+    for a, flat in running:
+        if a is not None and not be.xp.shares_memory(a, flat):
+            a[...] = flat.reshape(a.shape)
+    return _write_out(be, out, x, fa.split(y))
