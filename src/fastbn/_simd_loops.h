@@ -54,19 +54,107 @@ static inline vt FBN_FN(vdrop)(vt v, int n)
                                 : (const void *)(fbn_tail64 + 8 - n)), sizeof(m));
     return (vt)((__typeof__(v > v))v & m);
 }
+/* fold4: the lanes of four registers a, b, c, d (one per segment) halved pairwise in T (lane
+ * j += lane j + N/2, then, for float, j += j + N/4) and widened to double, two segments per
+ * double register: r0 = [a | b], r1 = [c | d], FBN_ND / 2 lanes each. fin: the FBN_ND / 2 lanes
+ * of each half of a double register halved pairwise to one value (ta, tb). Explicit shuffles
+ * (a generic loop over an array of lanes had been kept on the stack). */
+#if FBN_TF
+#define FBN_NL (FBN_VB / 4)
+#else
+#define FBN_NL (FBN_VB / 8)
+#endif
+#if FBN_NL == 16
+#define FBN_LO1 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define FBN_HI1 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define FBN_LO2 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27
+#define FBN_HI2 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31
+#define FBN_LOH 0, 1, 2, 3, 4, 5, 6, 7
+#define FBN_HIH 8, 9, 10, 11, 12, 13, 14, 15
+#elif FBN_NL == 8
+#define FBN_LO1 0, 1, 2, 3, 8, 9, 10, 11
+#define FBN_HI1 4, 5, 6, 7, 12, 13, 14, 15
+#define FBN_LO2 0, 1, 4, 5, 8, 9, 12, 13
+#define FBN_HI2 2, 3, 6, 7, 10, 11, 14, 15
+#define FBN_LOH 0, 1, 2, 3
+#define FBN_HIH 4, 5, 6, 7
+#elif FBN_NL == 4
+#define FBN_LO1 0, 1, 4, 5
+#define FBN_HI1 2, 3, 6, 7
+#define FBN_LO2 0, 2, 4, 6
+#define FBN_HI2 1, 3, 5, 7
+#define FBN_LOH 0, 1
+#define FBN_HIH 2, 3
+#elif FBN_NL == 2
+#define FBN_LO1 0, 2
+#define FBN_HI1 1, 3
+#else
+#error "fastbn: unsupported vector width"
+#endif
+static inline void FBN_FN(fold4)(vt a, vt b, vt c, vt d, vd *r0, vd *r1)
+{
+    vt ab = __builtin_shufflevector(a, b, FBN_LO1) + __builtin_shufflevector(a, b, FBN_HI1);
+    vt cd = __builtin_shufflevector(c, d, FBN_LO1) + __builtin_shufflevector(c, d, FBN_HI1);
+#if FBN_TF
+    typedef float vh __attribute__((vector_size(FBN_VB / 2)));
+    vt r = __builtin_shufflevector(ab, cd, FBN_LO2) + __builtin_shufflevector(ab, cd, FBN_HI2);
+    vh lo = __builtin_shufflevector(r, r, FBN_LOH), hi = __builtin_shufflevector(r, r, FBN_HIH);
+    *r0 = __builtin_convertvector(lo, vd);
+    *r1 = __builtin_convertvector(hi, vd);
+#else
+    *r0 = ab;
+    *r1 = cd;
+#endif
+}
+static inline void FBN_FN(fin)(vd v, double *ta, double *tb)
+{
+#if FBN_VB == 64
+    vd f = v + __builtin_shufflevector(v, v, 2, 3, 2, 3, 6, 7, 6, 7);
+    f = f + __builtin_shufflevector(f, f, 1, 1, 1, 1, 5, 5, 5, 5);
+    *ta = f[0];
+    *tb = f[4];
+#elif FBN_VB == 32
+    vd f = v + __builtin_shufflevector(v, v, 1, 1, 3, 3);
+    *ta = f[0];
+    *tb = f[2];
+#else
+    *ta = v[0];
+    *tb = v[1];
+#endif
+}
 /* lanes j and j + FBN_N/2 of a float block, added in double (a double block as it is) */
 static inline vd FBN_FN(widen)(vt b)
 {
 #if FBN_TF
     typedef float vh __attribute__((vector_size(FBN_VB / 2)));
-    vh lo, hi;
-    memcpy(&lo, &b, sizeof(lo));
-    memcpy(&hi, (const char *)&b + sizeof(lo), sizeof(hi));
+    vh lo = __builtin_shufflevector(b, b, FBN_LOH), hi = __builtin_shufflevector(b, b, FBN_HIH);
     return __builtin_convertvector(lo, vd) + __builtin_convertvector(hi, vd);
 #else
     return b;
 #endif
 }
+/* the double lanes of one register halved pairwise (lane j += lane j + w, w = ND/2, ..., 1) */
+static inline double FBN_FN(sumd)(vd v)
+{
+#if FBN_VB == 64
+    v = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 4, 5, 6, 7);
+    v = v + __builtin_shufflevector(v, v, 2, 3, 2, 3, 2, 3, 2, 3);
+    v = v + __builtin_shufflevector(v, v, 1, 1, 1, 1, 1, 1, 1, 1);
+#elif FBN_VB == 32
+    v = v + __builtin_shufflevector(v, v, 2, 3, 2, 3);
+    v = v + __builtin_shufflevector(v, v, 1, 1, 1, 1);
+#else
+    v = v + __builtin_shufflevector(v, v, 1, 1);
+#endif
+    return v[0];
+}
+#undef FBN_LO1
+#undef FBN_HI1
+#undef FBN_LO2
+#undef FBN_HI2
+#undef FBN_LOH
+#undef FBN_HIH
+#undef FBN_NL
 #else /* structs of lanes */
 typedef struct { T v[FBN_N]; } FBN_FN(vt);
 typedef struct { double v[FBN_ND]; } FBN_FN(vd);
@@ -91,6 +179,35 @@ static inline vt FBN_FN(vmask)(vt g, vt y)
     return g;
 }
 static inline vt FBN_FN(vdrop)(vt v, int n) { for (int j = 0; j < n; j++) v.v[j] = 0; return v; }
+static inline void FBN_FN(fold4)(vt a, vt b, vt c, vt d, vd *r0, vd *r1)
+{
+    const vt *in[4] = {&a, &b, &c, &d};
+    vd *out[2] = {r0, r1};
+    const int H = FBN_ND / 2;
+    for (int g = 0; g < 4; g++) {
+        T h[FBN_N];
+        memcpy(h, in[g]->v, sizeof(h));
+        for (int j = 0; j < FBN_N / 2; j++)
+            h[j] = h[j] + h[j + FBN_N / 2];
+#if FBN_TF
+        for (int j = 0; j < FBN_N / 4; j++)
+            h[j] = h[j] + h[j + FBN_N / 4];
+#endif
+        for (int j = 0; j < H; j++)
+            out[g / 2]->v[(g % 2) * H + j] = (double)h[j];
+    }
+}
+static inline void FBN_FN(fin)(vd v, double *ta, double *tb)
+{
+    const int H = FBN_ND / 2;
+    for (int w = H / 2; w >= 1; w /= 2)
+        for (int j = 0; j < w; j++) {
+            v.v[j] = v.v[j] + v.v[j + w];
+            v.v[H + j] = v.v[H + j] + v.v[H + j + w];
+        }
+    *ta = v.v[0];
+    *tb = v.v[H];
+}
 static inline vd FBN_FN(widen)(vt b)
 {
     vd r;
@@ -102,29 +219,14 @@ static inline vd FBN_FN(widen)(vt b)
 #endif
     return r;
 }
-#endif
-
-/* The lanes of a register folded pairwise (lane j += lane j + w for w = N/2, N/4, ..., 1): in
- * T for a one-block segment (a block's float sums are already rounded to float, and folding
- * them first is cheaper than widening), in double for the widened accumulators. */
-static inline double FBN_FN(sumt)(vt v)
-{
-    T a[FBN_N];
-    memcpy(a, &v, sizeof(a));
-    for (int w = FBN_N / 2; w >= 1; w /= 2)
-        for (int j = 0; j < w; j++)
-            a[j] += a[j + w];
-    return (double)a[0];
-}
 static inline double FBN_FN(sumd)(vd v)
 {
-    double a[FBN_ND];
-    memcpy(a, &v, sizeof(a));
     for (int w = FBN_ND / 2; w >= 1; w /= 2)
         for (int j = 0; j < w; j++)
-            a[j] += a[j + w];
-    return a[0];
+            v.v[j] += v.v[j + w];
+    return v.v[0];
 }
+#endif
 
 /* The last len - i < N values of a segment of len values as one register: the segment's last
  * N values with the ones already summed replaced by `pad` (no scalar loop), or, in a segment
@@ -142,45 +244,32 @@ static inline vt FBN_FN(vtail)(const T *xs, ptrdiff_t i, ptrdiff_t len, T pad)
     return FBN_FN(vsubs)(FBN_FN(vload)(t), pad);
 }
 
-/* s1[o] += sum(x - k[c]), s2[o] += sum((x - k[c])^2) for each of nseg segments of len values,
- * contiguous in memory order: segment s belongs to channel c = (c0 + s) % C and adds into slot
- * o = c when by_channel (runs that span every channel), else o = s (a slot per segment).
- * Walking memory in order keeps the prefetchers streaming: gathering one channel's segments,
- * C * len values apart, ran at a third of the speed (7-16 GB/s) once x left L2.
- * A block is at most FBN_BLOCK registers per segment, summed in T by two independent pairs of
- * accumulators (even and odd registers: the adds' latency, not the loads, had bounded one pair),
- * then either folded straight into t1, t2 (a one-block segment: 7x7 maps) or widened into the
- * double lanes a1, a2.
- * IN x, k[C]; INOUT s1, s2 */
-static void FBN_FN(sums)(const T *FBN_RESTRICT x, ptrdiff_t nseg, ptrdiff_t len, ptrdiff_t c0,
-                         ptrdiff_t C, const T *FBN_RESTRICT k, int by_channel,
-                         double *FBN_RESTRICT s1, double *FBN_RESTRICT s2)
+/* Segments of more than FBN_GROUP_BYTES are summed one at a time, in memory order (four long
+ * segments side by side were four streams, 15-40 % slower out of L2), by two independent pairs
+ * of accumulators (even and odd registers) per block, widened into double lanes per block. */
+#define FBN_GROUP_BYTES 512
+static inline void FBN_FN(sums1)(const T *FBN_RESTRICT xs, ptrdiff_t len, T kc, double *t1,
+                                 double *t2)
 {
     const ptrdiff_t N = FBN_N;
-    const int one_block = len <= FBN_BLOCK * N;
-    ptrdiff_t c = c0;
-    for (ptrdiff_t s = 0; s < nseg; s++) {
-        const T *xs = x + s * len;
-        const T kc = k[c];
-        vd a1 = FBN_FN(dzero)(), a2 = FBN_FN(dzero)();
-        double t1 = 0.0, t2 = 0.0;
-        ptrdiff_t i = 0;
-        while (i < len) {
-            vt p1 = FBN_FN(vzero)(), p2 = p1, q1 = p1, q2 = p1, v, w;
-            int q = 0;
-            if (i + FBN_BLOCK * N <= len) { /* a whole block, unrolled: the same sums */
-                FBN_PRAGMA(GCC unroll 8)
-                for (int u = 0; u < FBN_BLOCK; u += 2) {
-                    v = FBN_FN(vsubs)(FBN_FN(vload)(xs + i + u * N), kc);
-                    w = FBN_FN(vsubs)(FBN_FN(vload)(xs + i + (u + 1) * N), kc);
-                    p1 = FBN_FN(vadd)(p1, v);
-                    p2 = FBN_FN(vmadd)(p2, v, v);
-                    q1 = FBN_FN(vadd)(q1, w);
-                    q2 = FBN_FN(vmadd)(q2, w, w);
-                }
-                q = FBN_BLOCK;
-                i += FBN_BLOCK * N;
+    vd a1 = FBN_FN(dzero)(), a2 = FBN_FN(dzero)();
+    ptrdiff_t i = 0;
+    while (i < len) {
+        vt p1 = FBN_FN(vzero)(), p2 = p1, q1 = p1, q2 = p1, v, w;
+        int q = 0;
+        if (i + FBN_BLOCK * N <= len) { /* a whole block, unrolled: the same sums */
+            FBN_PRAGMA(GCC unroll 8)
+            for (int u = 0; u < FBN_BLOCK; u += 2) {
+                v = FBN_FN(vsubs)(FBN_FN(vload)(xs + i + u * N), kc);
+                w = FBN_FN(vsubs)(FBN_FN(vload)(xs + i + (u + 1) * N), kc);
+                p1 = FBN_FN(vadd)(p1, v);
+                p2 = FBN_FN(vmadd)(p2, v, v);
+                q1 = FBN_FN(vadd)(q1, w);
+                q2 = FBN_FN(vmadd)(q2, w, w);
             }
+            q = FBN_BLOCK;
+            i += FBN_BLOCK * N;
+        } else {
             for (; q + 2 <= FBN_BLOCK && i + 2 * N <= len; q += 2, i += 2 * N) {
                 v = FBN_FN(vsubs)(FBN_FN(vload)(xs + i), kc);
                 w = FBN_FN(vsubs)(FBN_FN(vload)(xs + i + N), kc);
@@ -202,24 +291,109 @@ static void FBN_FN(sums)(const T *FBN_RESTRICT x, ptrdiff_t nseg, ptrdiff_t len,
                 q2 = FBN_FN(vmadd)(q2, w, w);
                 i = len;
             }
-            p1 = FBN_FN(vadd)(p1, q1);
-            p2 = FBN_FN(vadd)(p2, q2);
-            if (one_block) {
-                t1 = FBN_FN(sumt)(p1);
-                t2 = FBN_FN(sumt)(p2);
-            } else {
-                a1 = FBN_FN(dadd)(a1, FBN_FN(widen)(p1));
-                a2 = FBN_FN(dadd)(a2, FBN_FN(widen)(p2));
+        }
+        a1 = FBN_FN(dadd)(a1, FBN_FN(widen)(FBN_FN(vadd)(p1, q1)));
+        a2 = FBN_FN(dadd)(a2, FBN_FN(widen)(FBN_FN(vadd)(p2, q2)));
+    }
+    *t1 = FBN_FN(sumd)(a1);
+    *t2 = FBN_FN(sumd)(a2);
+}
+
+/* s1[o] += sum(x - k[c]), s2[o] += sum((x - k[c])^2) for each of nseg segments of len values,
+ * contiguous in memory order: segment s belongs to channel c = (c0 + s) % C and adds into slot
+ * o = c when by_channel (runs that span every channel), else o = s (a slot per segment).
+ * Walking memory in order keeps the prefetchers streaming: gathering one channel's segments,
+ * C * len values apart, ran at a third of the speed (7-16 GB/s) once x left L2.
+ * Four consecutive segments are summed side by side (four independent accumulator chains per
+ * sum, and one transposed fold, fold4, per block of four segments instead of a fold per
+ * segment: a 7x7 map is only 3-13 registers). A block is at most FBN_BLOCK registers per
+ * segment, summed in T, then halved in T and widened into double lanes (fold4); the segment's
+ * double lanes are folded at the end (fin). A last group of fewer than four segments repeats
+ * its last segment in the missing places and drops those results: each segment's sums are the
+ * same arithmetic wherever it falls, so the result does not depend on the partition into calls.
+ * IN x, k[C]; INOUT s1, s2 */
+static void FBN_FN(sums)(const T *FBN_RESTRICT x, ptrdiff_t nseg, ptrdiff_t len, ptrdiff_t c0,
+                         ptrdiff_t C, const T *FBN_RESTRICT k, int by_channel,
+                         double *FBN_RESTRICT s1, double *FBN_RESTRICT s2)
+{
+    const ptrdiff_t N = FBN_N;
+    ptrdiff_t c = c0;
+    if (len * (ptrdiff_t)sizeof(T) > FBN_GROUP_BYTES) {
+        for (ptrdiff_t s = 0; s < nseg; s++) {
+            double t1, t2;
+            FBN_FN(sums1)(x + s * len, len, k[c], &t1, &t2);
+            s1[by_channel ? c : s] += t1;
+            s2[by_channel ? c : s] += t2;
+            if (++c == C)
+                c = 0;
+        }
+        return;
+    }
+    for (ptrdiff_t s = 0; s < nseg; s += 4) {
+        const int ng = nseg - s < 4 ? (int)(nseg - s) : 4;
+        ptrdiff_t cg[4];
+        const T *xg[4];
+        for (int g = 0; g < 4; g++) {
+            int e = g < ng ? g : ng - 1;
+            ptrdiff_t ce = c + e;
+            while (ce >= C) /* C may be below 4 */
+                ce -= C;
+            cg[g] = ce;
+            xg[g] = x + (s + e) * len;
+        }
+        const T *x0 = xg[0], *x1 = xg[1], *x2 = xg[2], *x3 = xg[3];
+        const T k0 = k[cg[0]], k1 = k[cg[1]], k2 = k[cg[2]], k3 = k[cg[3]];
+        vd d1a = FBN_FN(dzero)(), d1b = d1a, d2a = d1a, d2b = d1a, ra, rb;
+        ptrdiff_t i = 0;
+        while (i < len) {
+            vt p0 = FBN_FN(vzero)(), p1 = p0, p2 = p0, p3 = p0, q0 = p0, q1 = p0, q2 = p0, q3 = p0;
+            vt v0, v1, v2, v3;
+            int q = 0;
+#define FBN_STEP(V0, V1, V2, V3)                                                                 \
+    do {                                                                                         \
+        v0 = (V0); v1 = (V1); v2 = (V2); v3 = (V3);                                              \
+        p0 = FBN_FN(vadd)(p0, v0); q0 = FBN_FN(vmadd)(q0, v0, v0);                               \
+        p1 = FBN_FN(vadd)(p1, v1); q1 = FBN_FN(vmadd)(q1, v1, v1);                               \
+        p2 = FBN_FN(vadd)(p2, v2); q2 = FBN_FN(vmadd)(q2, v2, v2);                               \
+        p3 = FBN_FN(vadd)(p3, v3); q3 = FBN_FN(vmadd)(q3, v3, v3);                               \
+    } while (0)
+#define FBN_LD(xp, kk, off) FBN_FN(vsubs)(FBN_FN(vload)((xp) + (off)), kk)
+            if (i + FBN_BLOCK * N <= len) { /* a whole block, unrolled: the same sums */
+                FBN_PRAGMA(GCC unroll 8)
+                for (int u = 0; u < FBN_BLOCK; u++)
+                    FBN_STEP(FBN_LD(x0, k0, i + u * N), FBN_LD(x1, k1, i + u * N),
+                             FBN_LD(x2, k2, i + u * N), FBN_LD(x3, k3, i + u * N));
+                q = FBN_BLOCK;
+                i += FBN_BLOCK * N;
             }
+            for (; q < FBN_BLOCK && i + N <= len; q++, i += N)
+                FBN_STEP(FBN_LD(x0, k0, i), FBN_LD(x1, k1, i), FBN_LD(x2, k2, i),
+                         FBN_LD(x3, k3, i));
+            if (q < FBN_BLOCK && i < len) {
+                FBN_STEP(FBN_FN(vtail)(x0, i, len, k0), FBN_FN(vtail)(x1, i, len, k1),
+                         FBN_FN(vtail)(x2, i, len, k2), FBN_FN(vtail)(x3, i, len, k3));
+                i = len;
+            }
+#undef FBN_LD
+#undef FBN_STEP
+            FBN_FN(fold4)(p0, p1, p2, p3, &ra, &rb);
+            d1a = FBN_FN(dadd)(d1a, ra);
+            d1b = FBN_FN(dadd)(d1b, rb);
+            FBN_FN(fold4)(q0, q1, q2, q3, &ra, &rb);
+            d2a = FBN_FN(dadd)(d2a, ra);
+            d2b = FBN_FN(dadd)(d2b, rb);
         }
-        if (!one_block) {
-            t1 = FBN_FN(sumd)(a1);
-            t2 = FBN_FN(sumd)(a2);
+        double t1[4], t2[4];
+        FBN_FN(fin)(d1a, t1 + 0, t1 + 1);
+        FBN_FN(fin)(d1b, t1 + 2, t1 + 3);
+        FBN_FN(fin)(d2a, t2 + 0, t2 + 1);
+        FBN_FN(fin)(d2b, t2 + 2, t2 + 3);
+        for (int g = 0; g < ng; g++) {
+            ptrdiff_t o = by_channel ? cg[g] : s + g;
+            s1[o] += t1[g];
+            s2[o] += t2[g];
         }
-        s1[by_channel ? c : s] += t1;
-        s2[by_channel ? c : s] += t2;
-        if (++c == C)
-            c = 0;
+        c = cg[ng - 1] + 1 == C ? 0 : cg[ng - 1] + 1;
     }
 }
 
@@ -314,10 +488,75 @@ static void FBN_FN(norm_rows)(const T *x, T *y, ptrdiff_t nrows, ptrdiff_t strid
     }
 }
 
+/* The last len - i < N values of a backward segment as (g, v) registers, as vtail: g = 0 pads.
+ * IN gs, xs, ys (or NULL); OUT *g, *v (v = (x - h) - l) */
+static inline void FBN_FN(btail)(const T *gs, const T *xs, const T *ys, ptrdiff_t i,
+                                 ptrdiff_t len, T h, T l, vt *g, vt *v)
+{
+    vt gg, vv;
+    if (len >= FBN_N) {
+        gg = FBN_FN(vload)(gs + len - FBN_N);
+        if (ys)
+            gg = FBN_FN(vmask)(gg, FBN_FN(vload)(ys + len - FBN_N));
+        gg = FBN_FN(vdrop)(gg, (int)(FBN_N - (len - i)));
+        vv = FBN_FN(vload)(xs + len - FBN_N);
+    } else {
+        T tg[FBN_N], tx[FBN_N];
+        for (int j = 0; j < FBN_N; j++) {
+            tg[j] = j < len && (!ys || ys[j] > 0) ? gs[j] : (T)0;
+            tx[j] = j < len ? xs[j] : h;
+        }
+        gg = FBN_FN(vload)(tg);
+        vv = FBN_FN(vload)(tx);
+    }
+    *g = gg;
+    *v = FBN_FN(vsubs)(FBN_FN(vsubs)(vv, h), l);
+}
+
+/* One long backward segment (more than FBN_GROUP_BYTES), in memory order, as fbn_sums1.
+ * OUT *t1, *t2 */
+static inline void FBN_FN(bwd1)(const T *FBN_RESTRICT gs, const T *FBN_RESTRICT xs,
+                                const T *FBN_RESTRICT ys, ptrdiff_t len, T h, T l, double *t1,
+                                double *t2)
+{
+    const ptrdiff_t N = FBN_N;
+    vd a1 = FBN_FN(dzero)(), a2 = FBN_FN(dzero)();
+    ptrdiff_t i = 0;
+    while (i < len) {
+        vt b1 = FBN_FN(vzero)(), b2 = b1, g, v;
+        int q = 0;
+        if (ys) {
+            for (; q < FBN_BLOCK && i + N <= len; q++, i += N) {
+                g = FBN_FN(vmask)(FBN_FN(vload)(gs + i), FBN_FN(vload)(ys + i));
+                v = FBN_FN(vsubs)(FBN_FN(vsubs)(FBN_FN(vload)(xs + i), h), l);
+                b1 = FBN_FN(vadd)(b1, g);
+                b2 = FBN_FN(vmadd)(b2, g, v);
+            }
+        } else {
+            for (; q < FBN_BLOCK && i + N <= len; q++, i += N) {
+                g = FBN_FN(vload)(gs + i);
+                v = FBN_FN(vsubs)(FBN_FN(vsubs)(FBN_FN(vload)(xs + i), h), l);
+                b1 = FBN_FN(vadd)(b1, g);
+                b2 = FBN_FN(vmadd)(b2, g, v);
+            }
+        }
+        if (q < FBN_BLOCK && i < len) {
+            FBN_FN(btail)(gs, xs, ys, i, len, h, l, &g, &v);
+            b1 = FBN_FN(vadd)(b1, g);
+            b2 = FBN_FN(vmadd)(b2, g, v);
+            i = len;
+        }
+        a1 = FBN_FN(dadd)(a1, FBN_FN(widen)(b1));
+        a2 = FBN_FN(dadd)(a2, FBN_FN(widen)(b2));
+    }
+    *t1 = FBN_FN(sumd)(a1);
+    *t2 = FBN_FN(sumd)(a2);
+}
+
 /* s1[o] += sum(g), s2[o] += sum(g * ((x - mhi[c]) - mlo[c])) with g = dy, or dy masked by y > 0
- * when y != NULL, over nseg segments in memory order (channels, slots and blocks as in
- * fbn_sums). mhi + mlo is the channel's mean split into a T-precision head and tail. The ReLU
- * mask is a select on loaded values (a conditional load stays a branch).
+ * when y != NULL, over nseg segments in memory order (channels, slots, groups of four segments
+ * and blocks as in fbn_sums). mhi + mlo is the channel's mean split into a T-precision head and
+ * tail. The ReLU mask is a select on loaded values (a conditional load stays a branch).
  * IN dy, x, y (or NULL), mhi/mlo[C]; INOUT s1, s2 */
 static void FBN_FN(bwd_sums)(const T *FBN_RESTRICT dy, const T *FBN_RESTRICT x,
                              const T *FBN_RESTRICT y, ptrdiff_t nseg, ptrdiff_t len,
@@ -326,62 +565,97 @@ static void FBN_FN(bwd_sums)(const T *FBN_RESTRICT dy, const T *FBN_RESTRICT x,
                              double *FBN_RESTRICT s1, double *FBN_RESTRICT s2)
 {
     const ptrdiff_t N = FBN_N;
-    const int one_block = len <= FBN_BLOCK * N;
     ptrdiff_t c = c0;
-    for (ptrdiff_t s = 0; s < nseg; s++) {
-        const T *gs = dy + s * len, *xs = x + s * len, *ys = y ? y + s * len : NULL;
-        const T h = mhi[c], l = mlo[c];
-        vd a1 = FBN_FN(dzero)(), a2 = FBN_FN(dzero)();
-        double t1 = 0.0, t2 = 0.0;
+    if (len * (ptrdiff_t)sizeof(T) > FBN_GROUP_BYTES) {
+        for (ptrdiff_t s = 0; s < nseg; s++) {
+            double t1, t2;
+            FBN_FN(bwd1)(dy + s * len, x + s * len, y ? y + s * len : NULL, len, mhi[c], mlo[c],
+                         &t1, &t2);
+            s1[by_channel ? c : s] += t1;
+            s2[by_channel ? c : s] += t2;
+            if (++c == C)
+                c = 0;
+        }
+        return;
+    }
+    for (ptrdiff_t s = 0; s < nseg; s += 4) {
+        const int ng = nseg - s < 4 ? (int)(nseg - s) : 4;
+        ptrdiff_t cg[4], og[4];
+        for (int g = 0; g < 4; g++) {
+            int e = g < ng ? g : ng - 1;
+            ptrdiff_t ce = c + e;
+            while (ce >= C)
+                ce -= C;
+            cg[g] = ce;
+            og[g] = (s + e) * len;
+        }
+        const T *g0 = dy + og[0], *g1 = dy + og[1], *g2 = dy + og[2], *g3 = dy + og[3];
+        const T *x0 = x + og[0], *x1 = x + og[1], *x2 = x + og[2], *x3 = x + og[3];
+        const T *y0 = y ? y + og[0] : NULL, *y1 = y ? y + og[1] : NULL;
+        const T *y2 = y ? y + og[2] : NULL, *y3 = y ? y + og[3] : NULL;
+        const T h0 = mhi[cg[0]], h1 = mhi[cg[1]], h2 = mhi[cg[2]], h3 = mhi[cg[3]];
+        const T l0 = mlo[cg[0]], l1 = mlo[cg[1]], l2 = mlo[cg[2]], l3 = mlo[cg[3]];
+        vd d1a = FBN_FN(dzero)(), d1b = d1a, d2a = d1a, d2b = d1a, ra, rb;
         ptrdiff_t i = 0;
         while (i < len) {
-            vt b1 = FBN_FN(vzero)(), b2 = b1, g, v;
+            vt p0 = FBN_FN(vzero)(), p1 = p0, p2 = p0, p3 = p0, q0 = p0, q1 = p0, q2 = p0, q3 = p0;
+            vt a0, a1, a2, a3, v0, v1, v2, v3;
             int q = 0;
-            for (; q < FBN_BLOCK && i + N <= len; q++, i += N) {
-                g = FBN_FN(vload)(gs + i);
-                if (ys)
-                    g = FBN_FN(vmask)(g, FBN_FN(vload)(ys + i));
-                v = FBN_FN(vsubs)(FBN_FN(vsubs)(FBN_FN(vload)(xs + i), h), l);
-                b1 = FBN_FN(vadd)(b1, g);
-                b2 = FBN_FN(vmadd)(b2, g, v);
-            }
-            if (q < FBN_BLOCK && i < len) { /* the last values, as in fbn_sums (g = 0 pads) */
-                if (len >= N) {
-                    g = FBN_FN(vload)(gs + len - N);
-                    if (ys)
-                        g = FBN_FN(vmask)(g, FBN_FN(vload)(ys + len - N));
-                    g = FBN_FN(vdrop)(g, (int)(N - (len - i)));
-                    v = FBN_FN(vload)(xs + len - N);
-                } else {
-                    T tg[FBN_N], tx[FBN_N];
-                    for (int j = 0; j < N; j++) {
-                        tg[j] = j < len && (!ys || ys[j] > 0) ? gs[j] : (T)0;
-                        tx[j] = j < len ? xs[j] : h;
-                    }
-                    g = FBN_FN(vload)(tg);
-                    v = FBN_FN(vload)(tx);
+#define FBN_G(gp, yp) (yp ? FBN_FN(vmask)(FBN_FN(vload)(gp + i), FBN_FN(vload)(yp + i)) \
+                          : FBN_FN(vload)(gp + i))
+#define FBN_V(xp, hh, ll) FBN_FN(vsubs)(FBN_FN(vsubs)(FBN_FN(vload)(xp + i), hh), ll)
+#define FBN_ACC()                                                                                \
+    do {                                                                                         \
+        p0 = FBN_FN(vadd)(p0, a0); q0 = FBN_FN(vmadd)(q0, a0, v0);                               \
+        p1 = FBN_FN(vadd)(p1, a1); q1 = FBN_FN(vmadd)(q1, a1, v1);                               \
+        p2 = FBN_FN(vadd)(p2, a2); q2 = FBN_FN(vmadd)(q2, a2, v2);                               \
+        p3 = FBN_FN(vadd)(p3, a3); q3 = FBN_FN(vmadd)(q3, a3, v3);                               \
+    } while (0)
+            if (y) {
+                for (; q < FBN_BLOCK && i + N <= len; q++, i += N) {
+                    a0 = FBN_G(g0, y0); a1 = FBN_G(g1, y1); a2 = FBN_G(g2, y2); a3 = FBN_G(g3, y3);
+                    v0 = FBN_V(x0, h0, l0); v1 = FBN_V(x1, h1, l1);
+                    v2 = FBN_V(x2, h2, l2); v3 = FBN_V(x3, h3, l3);
+                    FBN_ACC();
                 }
-                v = FBN_FN(vsubs)(FBN_FN(vsubs)(v, h), l);
-                b1 = FBN_FN(vadd)(b1, g);
-                b2 = FBN_FN(vmadd)(b2, g, v);
+            } else {
+                for (; q < FBN_BLOCK && i + N <= len; q++, i += N) {
+                    a0 = FBN_FN(vload)(g0 + i); a1 = FBN_FN(vload)(g1 + i);
+                    a2 = FBN_FN(vload)(g2 + i); a3 = FBN_FN(vload)(g3 + i);
+                    v0 = FBN_V(x0, h0, l0); v1 = FBN_V(x1, h1, l1);
+                    v2 = FBN_V(x2, h2, l2); v3 = FBN_V(x3, h3, l3);
+                    FBN_ACC();
+                }
+            }
+            if (q < FBN_BLOCK && i < len) {
+                FBN_FN(btail)(g0, x0, y0, i, len, h0, l0, &a0, &v0);
+                FBN_FN(btail)(g1, x1, y1, i, len, h1, l1, &a1, &v1);
+                FBN_FN(btail)(g2, x2, y2, i, len, h2, l2, &a2, &v2);
+                FBN_FN(btail)(g3, x3, y3, i, len, h3, l3, &a3, &v3);
+                FBN_ACC();
                 i = len;
             }
-            if (one_block) {
-                t1 = FBN_FN(sumt)(b1);
-                t2 = FBN_FN(sumt)(b2);
-            } else {
-                a1 = FBN_FN(dadd)(a1, FBN_FN(widen)(b1));
-                a2 = FBN_FN(dadd)(a2, FBN_FN(widen)(b2));
-            }
+#undef FBN_G
+#undef FBN_V
+#undef FBN_ACC
+            FBN_FN(fold4)(p0, p1, p2, p3, &ra, &rb);
+            d1a = FBN_FN(dadd)(d1a, ra);
+            d1b = FBN_FN(dadd)(d1b, rb);
+            FBN_FN(fold4)(q0, q1, q2, q3, &ra, &rb);
+            d2a = FBN_FN(dadd)(d2a, ra);
+            d2b = FBN_FN(dadd)(d2b, rb);
         }
-        if (!one_block) {
-            t1 = FBN_FN(sumd)(a1);
-            t2 = FBN_FN(sumd)(a2);
+        double t1[4], t2[4];
+        FBN_FN(fin)(d1a, t1 + 0, t1 + 1);
+        FBN_FN(fin)(d1b, t1 + 2, t1 + 3);
+        FBN_FN(fin)(d2a, t2 + 0, t2 + 1);
+        FBN_FN(fin)(d2b, t2 + 2, t2 + 3);
+        for (int g = 0; g < ng; g++) {
+            ptrdiff_t o = by_channel ? cg[g] : s + g;
+            s1[o] += t1[g];
+            s2[o] += t2[g];
         }
-        s1[by_channel ? c : s] += t1;
-        s2[by_channel ? c : s] += t2;
-        if (++c == C)
-            c = 0;
+        c = cg[ng - 1] + 1 == C ? 0 : cg[ng - 1] + 1;
     }
 }
 
