@@ -148,6 +148,50 @@ static inline double FBN_FN(sumd)(vd v)
 #endif
     return v[0];
 }
+/* fold8t: the sums of a one-block segment (7x7 maps), four segments' two sums at once: each
+ * register's lanes halved pairwise in T down to one (a block's T sums are already rounded to
+ * T, and folding them first is cheaper than widening), then converted: t1[g] = fold(p_g),
+ * t2[g] = fold(q_g). */
+static inline void FBN_FN(fold8t)(vt p0, vt p1, vt p2, vt p3, vt q0, vt q1, vt q2, vt q3,
+                                  double *t1, double *t2)
+{
+#define FBN_S __builtin_shufflevector
+    vt ab = FBN_S(p0, p1, FBN_LO1) + FBN_S(p0, p1, FBN_HI1);
+    vt cd = FBN_S(p2, p3, FBN_LO1) + FBN_S(p2, p3, FBN_HI1);
+    vt ef = FBN_S(q0, q1, FBN_LO1) + FBN_S(q0, q1, FBN_HI1);
+    vt gh = FBN_S(q2, q3, FBN_LO1) + FBN_S(q2, q3, FBN_HI1);
+#if FBN_NL == 2
+    t1[0] = ab[0]; t1[1] = ab[1]; t1[2] = cd[0]; t1[3] = cd[1];
+    t2[0] = ef[0]; t2[1] = ef[1]; t2[2] = gh[0]; t2[3] = gh[1];
+#else
+    vt P = FBN_S(ab, cd, FBN_LO2) + FBN_S(ab, cd, FBN_HI2);
+    vt Q = FBN_S(ef, gh, FBN_LO2) + FBN_S(ef, gh, FBN_HI2);
+#if FBN_NL == 4
+    typedef double vd4 __attribute__((vector_size(32)));
+    vd4 r1 = __builtin_convertvector(P, vd4), r2 = __builtin_convertvector(Q, vd4);
+    for (int g = 0; g < 4; g++) {
+        t1[g] = r1[g];
+        t2[g] = r2[g];
+    }
+#else
+    typedef double vd8 __attribute__((vector_size(64)));
+#if FBN_NL == 8
+    vt r = FBN_S(P, Q, 0, 2, 4, 6, 8, 10, 12, 14) + FBN_S(P, Q, 1, 3, 5, 7, 9, 11, 13, 15);
+#else
+    typedef T vh8 __attribute__((vector_size(8 * sizeof(T))));
+    vt pq = FBN_S(P, Q, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+            FBN_S(P, Q, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    vh8 r = FBN_S(pq, pq, 0, 2, 4, 6, 8, 10, 12, 14) + FBN_S(pq, pq, 1, 3, 5, 7, 9, 11, 13, 15);
+#endif
+    vd8 rd = __builtin_convertvector(r, vd8);
+    for (int g = 0; g < 4; g++) {
+        t1[g] = rd[g];
+        t2[g] = rd[4 + g];
+    }
+#endif
+#endif
+#undef FBN_S
+}
 #undef FBN_LO1
 #undef FBN_HI1
 #undef FBN_LO2
@@ -219,6 +263,19 @@ static inline vd FBN_FN(widen)(vt b)
 #endif
     return r;
 }
+static inline void FBN_FN(fold8t)(vt p0, vt p1, vt p2, vt p3, vt q0, vt q1, vt q2, vt q3,
+                                  double *t1, double *t2)
+{
+    const vt *in[8] = {&p0, &p1, &p2, &p3, &q0, &q1, &q2, &q3};
+    for (int g = 0; g < 8; g++) {
+        T h[FBN_N];
+        memcpy(h, in[g]->v, sizeof(h));
+        for (int w = FBN_N / 2; w >= 1; w /= 2)
+            for (int j = 0; j < w; j++)
+                h[j] = h[j] + h[j + w];
+        (g < 4 ? t1 : t2)[g % 4] = (double)h[0];
+    }
+}
 static inline double FBN_FN(sumd)(vd v)
 {
     for (int w = FBN_ND / 2; w >= 1; w /= 2)
@@ -242,6 +299,35 @@ static inline vt FBN_FN(vtail)(const T *xs, ptrdiff_t i, ptrdiff_t len, T pad)
     for (int j = 0; j < FBN_N; j++)
         t[j] = j < len ? xs[j] : pad;
     return FBN_FN(vsubs)(FBN_FN(vload)(t), pad);
+}
+
+/* s1[o_g] += t1[g], s2[o_g] += t2[g] for the ng segments of a group: o_g = cg[g] (by channel) or
+ * s + g (cg NULL); four consecutive slots as one vector add. */
+static inline void FBN_FN(store4)(double *FBN_RESTRICT s1, double *FBN_RESTRICT s2,
+                                  const ptrdiff_t *cg, ptrdiff_t s, int ng, const double *t1,
+                                  const double *t2)
+{
+#if FBN_VECTOR_EXT
+    if (ng == 4 && (!cg || cg[3] == cg[0] + 3)) {
+        typedef double vq __attribute__((vector_size(32)));
+        double *o1 = s1 + (cg ? cg[0] : s), *o2 = s2 + (cg ? cg[0] : s);
+        vq a, b, u, w;
+        memcpy(&a, o1, sizeof(a));
+        memcpy(&b, o2, sizeof(b));
+        memcpy(&u, t1, sizeof(u));
+        memcpy(&w, t2, sizeof(w));
+        a += u;
+        b += w;
+        memcpy(o1, &a, sizeof(a));
+        memcpy(o2, &b, sizeof(b));
+        return;
+    }
+#endif
+    for (int g = 0; g < ng; g++) {
+        ptrdiff_t o = cg ? cg[g] : s + g;
+        s1[o] += t1[g];
+        s2[o] += t2[g];
+    }
 }
 
 /* Segments of more than FBN_GROUP_BYTES are summed one at a time, in memory order (four long
@@ -329,6 +415,7 @@ static void FBN_FN(sums)(const T *FBN_RESTRICT x, ptrdiff_t nseg, ptrdiff_t len,
         }
         return;
     }
+    const int one_block = len <= FBN_BLOCK * N; /* the block loop runs once */
     for (ptrdiff_t s = 0; s < nseg; s += 4) {
         const int ng = nseg - s < 4 ? (int)(nseg - s) : 4;
         ptrdiff_t cg[4];
@@ -344,9 +431,11 @@ static void FBN_FN(sums)(const T *FBN_RESTRICT x, ptrdiff_t nseg, ptrdiff_t len,
         const T *x0 = xg[0], *x1 = xg[1], *x2 = xg[2], *x3 = xg[3];
         const T k0 = k[cg[0]], k1 = k[cg[1]], k2 = k[cg[2]], k3 = k[cg[3]];
         vd d1a = FBN_FN(dzero)(), d1b = d1a, d2a = d1a, d2b = d1a, ra, rb;
+        double t1[4], t2[4];
         ptrdiff_t i = 0;
+        vt p0 = FBN_FN(vzero)(), p1 = p0, p2 = p0, p3 = p0, q0 = p0, q1 = p0, q2 = p0, q3 = p0;
         while (i < len) {
-            vt p0 = FBN_FN(vzero)(), p1 = p0, p2 = p0, p3 = p0, q0 = p0, q1 = p0, q2 = p0, q3 = p0;
+            p0 = p1 = p2 = p3 = q0 = q1 = q2 = q3 = FBN_FN(vzero)();
             vt v0, v1, v2, v3;
             int q = 0;
 #define FBN_STEP(V0, V1, V2, V3)                                                                 \
@@ -376,6 +465,8 @@ static void FBN_FN(sums)(const T *FBN_RESTRICT x, ptrdiff_t nseg, ptrdiff_t len,
             }
 #undef FBN_LD
 #undef FBN_STEP
+            if (one_block)
+                break; /* i == len */
             FBN_FN(fold4)(p0, p1, p2, p3, &ra, &rb);
             d1a = FBN_FN(dadd)(d1a, ra);
             d1b = FBN_FN(dadd)(d1b, rb);
@@ -383,16 +474,15 @@ static void FBN_FN(sums)(const T *FBN_RESTRICT x, ptrdiff_t nseg, ptrdiff_t len,
             d2a = FBN_FN(dadd)(d2a, ra);
             d2b = FBN_FN(dadd)(d2b, rb);
         }
-        double t1[4], t2[4];
-        FBN_FN(fin)(d1a, t1 + 0, t1 + 1);
-        FBN_FN(fin)(d1b, t1 + 2, t1 + 3);
-        FBN_FN(fin)(d2a, t2 + 0, t2 + 1);
-        FBN_FN(fin)(d2b, t2 + 2, t2 + 3);
-        for (int g = 0; g < ng; g++) {
-            ptrdiff_t o = by_channel ? cg[g] : s + g;
-            s1[o] += t1[g];
-            s2[o] += t2[g];
+        if (one_block) {
+            FBN_FN(fold8t)(p0, p1, p2, p3, q0, q1, q2, q3, t1, t2);
+        } else {
+            FBN_FN(fin)(d1a, t1 + 0, t1 + 1);
+            FBN_FN(fin)(d1b, t1 + 2, t1 + 3);
+            FBN_FN(fin)(d2a, t2 + 0, t2 + 1);
+            FBN_FN(fin)(d2b, t2 + 2, t2 + 3);
         }
+        FBN_FN(store4)(s1, s2, by_channel ? cg : NULL, s, ng, t1, t2);
         c = cg[ng - 1] + 1 == C ? 0 : cg[ng - 1] + 1;
     }
 }
@@ -578,6 +668,7 @@ static void FBN_FN(bwd_sums)(const T *FBN_RESTRICT dy, const T *FBN_RESTRICT x,
         }
         return;
     }
+    const int one_block = len <= FBN_BLOCK * N; /* the block loop runs once */
     for (ptrdiff_t s = 0; s < nseg; s += 4) {
         const int ng = nseg - s < 4 ? (int)(nseg - s) : 4;
         ptrdiff_t cg[4], og[4];
@@ -596,9 +687,11 @@ static void FBN_FN(bwd_sums)(const T *FBN_RESTRICT dy, const T *FBN_RESTRICT x,
         const T h0 = mhi[cg[0]], h1 = mhi[cg[1]], h2 = mhi[cg[2]], h3 = mhi[cg[3]];
         const T l0 = mlo[cg[0]], l1 = mlo[cg[1]], l2 = mlo[cg[2]], l3 = mlo[cg[3]];
         vd d1a = FBN_FN(dzero)(), d1b = d1a, d2a = d1a, d2b = d1a, ra, rb;
+        double t1[4], t2[4];
         ptrdiff_t i = 0;
+        vt p0 = FBN_FN(vzero)(), p1 = p0, p2 = p0, p3 = p0, q0 = p0, q1 = p0, q2 = p0, q3 = p0;
         while (i < len) {
-            vt p0 = FBN_FN(vzero)(), p1 = p0, p2 = p0, p3 = p0, q0 = p0, q1 = p0, q2 = p0, q3 = p0;
+            p0 = p1 = p2 = p3 = q0 = q1 = q2 = q3 = FBN_FN(vzero)();
             vt a0, a1, a2, a3, v0, v1, v2, v3;
             int q = 0;
 #define FBN_G(gp, yp) (yp ? FBN_FN(vmask)(FBN_FN(vload)(gp + i), FBN_FN(vload)(yp + i)) \
@@ -638,6 +731,8 @@ static void FBN_FN(bwd_sums)(const T *FBN_RESTRICT dy, const T *FBN_RESTRICT x,
 #undef FBN_G
 #undef FBN_V
 #undef FBN_ACC
+            if (one_block)
+                break; /* i == len */
             FBN_FN(fold4)(p0, p1, p2, p3, &ra, &rb);
             d1a = FBN_FN(dadd)(d1a, ra);
             d1b = FBN_FN(dadd)(d1b, rb);
@@ -645,16 +740,15 @@ static void FBN_FN(bwd_sums)(const T *FBN_RESTRICT dy, const T *FBN_RESTRICT x,
             d2a = FBN_FN(dadd)(d2a, ra);
             d2b = FBN_FN(dadd)(d2b, rb);
         }
-        double t1[4], t2[4];
-        FBN_FN(fin)(d1a, t1 + 0, t1 + 1);
-        FBN_FN(fin)(d1b, t1 + 2, t1 + 3);
-        FBN_FN(fin)(d2a, t2 + 0, t2 + 1);
-        FBN_FN(fin)(d2b, t2 + 2, t2 + 3);
-        for (int g = 0; g < ng; g++) {
-            ptrdiff_t o = by_channel ? cg[g] : s + g;
-            s1[o] += t1[g];
-            s2[o] += t2[g];
+        if (one_block) {
+            FBN_FN(fold8t)(p0, p1, p2, p3, q0, q1, q2, q3, t1, t2);
+        } else {
+            FBN_FN(fin)(d1a, t1 + 0, t1 + 1);
+            FBN_FN(fin)(d1b, t1 + 2, t1 + 3);
+            FBN_FN(fin)(d2a, t2 + 0, t2 + 1);
+            FBN_FN(fin)(d2b, t2 + 2, t2 + 3);
         }
+        FBN_FN(store4)(s1, s2, by_channel ? cg : NULL, s, ng, t1, t2);
         c = cg[ng - 1] + 1 == C ? 0 : cg[ng - 1] + 1;
     }
 }
