@@ -108,19 +108,19 @@ static inline void FBN_FN(fold4)(vt a, vt b, vt c, vt d, vd *r0, vd *r1)
 }
 static inline void FBN_FN(fin)(vd v, double *ta, double *tb)
 {
+    typedef double vd2 __attribute__((vector_size(16)));
 #if FBN_VB == 64
     vd f = v + __builtin_shufflevector(v, v, 2, 3, 2, 3, 6, 7, 6, 7);
     f = f + __builtin_shufflevector(f, f, 1, 1, 1, 1, 5, 5, 5, 5);
-    *ta = f[0];
-    *tb = f[4];
+    vd2 r = __builtin_shufflevector(f, f, 0, 4);
 #elif FBN_VB == 32
     vd f = v + __builtin_shufflevector(v, v, 1, 1, 3, 3);
-    *ta = f[0];
-    *tb = f[2];
+    vd2 r = __builtin_shufflevector(f, f, 0, 2);
 #else
-    *ta = v[0];
-    *tb = v[1];
+    vd2 r = v;
 #endif
+    memcpy(ta, &r, sizeof(r)); /* ta, tb = ta + 1: one store, reloaded by store4 */
+    (void)tb;
 }
 /* lanes j and j + FBN_N/2 of a float block, added in double (a double block as it is) */
 static inline vd FBN_FN(widen)(vt b)
@@ -169,10 +169,8 @@ static inline void FBN_FN(fold8t)(vt p0, vt p1, vt p2, vt p3, vt q0, vt q1, vt q
 #if FBN_NL == 4
     typedef double vd4 __attribute__((vector_size(32)));
     vd4 r1 = __builtin_convertvector(P, vd4), r2 = __builtin_convertvector(Q, vd4);
-    for (int g = 0; g < 4; g++) {
-        t1[g] = r1[g];
-        t2[g] = r2[g];
-    }
+    memcpy(t1, &r1, sizeof(r1)); /* whole-vector stores: store4 reloads them as vectors */
+    memcpy(t2, &r2, sizeof(r2));
 #else
     typedef double vd8 __attribute__((vector_size(64)));
 #if FBN_NL == 8
@@ -184,10 +182,10 @@ static inline void FBN_FN(fold8t)(vt p0, vt p1, vt p2, vt p3, vt q0, vt q1, vt q
     vh8 r = FBN_S(pq, pq, 0, 2, 4, 6, 8, 10, 12, 14) + FBN_S(pq, pq, 1, 3, 5, 7, 9, 11, 13, 15);
 #endif
     vd8 rd = __builtin_convertvector(r, vd8);
-    for (int g = 0; g < 4; g++) {
-        t1[g] = rd[g];
-        t2[g] = rd[4 + g];
-    }
+    typedef double vd4 __attribute__((vector_size(32)));
+    vd4 r1 = __builtin_shufflevector(rd, rd, 0, 1, 2, 3), r2 = __builtin_shufflevector(rd, rd, 4, 5, 6, 7);
+    memcpy(t1, &r1, sizeof(r1)); /* whole-vector stores: store4 reloads them as vectors */
+    memcpy(t2, &r2, sizeof(r2));
 #endif
 #endif
 #undef FBN_S
