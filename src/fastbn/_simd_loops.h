@@ -329,9 +329,38 @@ static inline void FBN_FN(store4)(double *FBN_RESTRICT s1, double *FBN_RESTRICT 
 }
 
 /* Segments of more than FBN_GROUP_BYTES are summed one at a time, in memory order (four long
- * segments side by side were four streams, 15-40 % slower out of L2), by two independent pairs
- * of accumulators (even and odd registers) per block, widened into double lanes per block. */
+ * segments side by side were four streams, 15-40 % slower out of L2), widened into double lanes
+ * per block: by two independent pairs of accumulators (even and odd registers) at 16- and
+ * 32-byte levels, by one pair at x86-64-v4 (measured faster there, as main's clone had been). */
 #define FBN_GROUP_BYTES 512
+#if FBN_VB == 64 /* one pair: 43 -> 55 GB/s on (32,64,56,56), two were slower here */
+static inline void FBN_FN(sums1)(const T *FBN_RESTRICT xs, ptrdiff_t len, T kc, double *t1,
+                                 double *t2)
+{
+    const ptrdiff_t N = FBN_N;
+    vd a1 = FBN_FN(dzero)(), a2 = FBN_FN(dzero)();
+    ptrdiff_t i = 0;
+    while (i < len) {
+        vt p1 = FBN_FN(vzero)(), p2 = p1, v;
+        int q = 0;
+        for (; q < FBN_BLOCK && i + N <= len; q++, i += N) {
+            v = FBN_FN(vsubs)(FBN_FN(vload)(xs + i), kc);
+            p1 = FBN_FN(vadd)(p1, v);
+            p2 = FBN_FN(vmadd)(p2, v, v);
+        }
+        if (q < FBN_BLOCK && i < len) {
+            v = FBN_FN(vtail)(xs, i, len, kc);
+            p1 = FBN_FN(vadd)(p1, v);
+            p2 = FBN_FN(vmadd)(p2, v, v);
+            i = len;
+        }
+        a1 = FBN_FN(dadd)(a1, FBN_FN(widen)(p1));
+        a2 = FBN_FN(dadd)(a2, FBN_FN(widen)(p2));
+    }
+    *t1 = FBN_FN(sumd)(a1);
+    *t2 = FBN_FN(sumd)(a2);
+}
+#else
 static inline void FBN_FN(sums1)(const T *FBN_RESTRICT xs, ptrdiff_t len, T kc, double *t1,
                                  double *t2)
 {
@@ -382,6 +411,7 @@ static inline void FBN_FN(sums1)(const T *FBN_RESTRICT xs, ptrdiff_t len, T kc, 
     *t1 = FBN_FN(sumd)(a1);
     *t2 = FBN_FN(sumd)(a2);
 }
+#endif
 
 /* s1[o] += sum(x - k[c]), s2[o] += sum((x - k[c])^2) for each of nseg segments of len values,
  * contiguous in memory order: segment s belongs to channel c = (c0 + s) % C and adds into slot
