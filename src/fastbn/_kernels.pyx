@@ -41,6 +41,14 @@ cnp.import_array()
 cdef extern from "_simd.h" nogil:
     int fbn_openmp_enabled()
     int fbn_omp_max_threads()
+    # ISA levels (_simd_dispatch.h): indices 0 .. fbn_nlevels() - 1, lowest first
+    int fbn_nlevels()
+    const char *fbn_level_name(int i)
+    int fbn_current_level()
+    int fbn_best_level()
+    int fbn_set_level(int i)
+    int fbn_level_index(const char *name)
+    unsigned long long fbn_stream_read(const unsigned char *p, Py_ssize_t n)
     void fbn_sums_float(const float *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t c0,
                         Py_ssize_t C, const float *k, int by_channel, double *s1, double *s2)
     void fbn_sums_double(const double *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t c0,
@@ -100,6 +108,73 @@ cdef enum:
     PAR_MIN = 32768     # below this many values a parallel region costs more than it saves
     MERGE = 256         # channels of one merge task
     MERGE_PAR_MIN = 32768  # slots below which the merge runs on one thread
+
+
+# --------------------------------------------------------------------------- ISA levels
+
+_ALL_LEVELS = ("baseline", "x86-64-v3", "x86-64-v4")
+
+
+def cpu_levels():
+    """The ISA levels of the kernels this CPU can run, lowest first (["baseline"] on builds
+    that compile one level: non-x86-64, other compilers, -march=native)."""
+    return [fbn_level_name(i).decode() for i in range(fbn_best_level() + 1)]
+
+
+def cpu_level():
+    """The name of the ISA level the kernels run at (see set_cpu_level)."""
+    return fbn_level_name(fbn_current_level()).decode()
+
+
+def set_cpu_level(name):
+    """Run the kernels at ISA level `name` (one of cpu_levels()) in this process from now on;
+    returns the previous level's name. Results may differ between levels in the last bits
+    (vector width, FMA contraction), never between thread counts at one level. Call it while no
+    kernel runs on another thread. ValueError for an unknown level or one this CPU cannot run."""
+    if not isinstance(name, str):
+        raise TypeError(f"set_cpu_level: name must be a str, got {type(name).__name__}")
+    i = fbn_level_index(name.encode("utf-8", "replace"))
+    if i < 0:
+        raise ValueError(f"set_cpu_level: unknown CPU level {name!r} "
+                         f"(levels of this build: {', '.join(_build_levels())})")
+    prev = cpu_level()
+    if fbn_set_level(i) != 0:
+        raise ValueError(f"set_cpu_level: CPU level {name!r} is not supported by this CPU "
+                         f"(it runs: {', '.join(cpu_levels())})")
+    return prev
+
+
+def _build_levels():
+    return [fbn_level_name(i).decode() for i in range(fbn_nlevels())]
+
+
+def _init_cpu_level(request):
+    """At import: the best level this CPU runs, capped by FASTBN_CPU_LEVEL (`request`). An
+    unknown value, or a level this CPU (or build) lacks, warns and runs the best level not above
+    the request."""
+    import warnings
+    fbn_set_level(fbn_best_level())
+    request = (request or "").strip()
+    if not request:
+        return
+    runs = cpu_levels()
+    if request not in _ALL_LEVELS:
+        warnings.warn(f"FASTBN_CPU_LEVEL={request!r} is not a CPU level (one of "
+                      f"{', '.join(_ALL_LEVELS)}); using {runs[len(runs) - 1]!r}", RuntimeWarning,
+                      stacklevel=2)
+        return
+    rank = _ALL_LEVELS.index(request)
+    below = [n for n in runs if _ALL_LEVELS.index(n) <= rank]
+    pick = below[len(below) - 1]
+    fbn_set_level(fbn_level_index(pick.encode()))
+    if pick != request:
+        warnings.warn(f"FASTBN_CPU_LEVEL={request!r}: this CPU (or build) does not run that "
+                      f"level; using {pick!r}", RuntimeWarning, stacklevel=2)
+
+
+import os as _os
+_init_cpu_level(_os.environ.get("FASTBN_CPU_LEVEL"))
+del _os
 
 
 def openmp_enabled():
@@ -1739,3 +1814,32 @@ def stream_copy(src, dst, int nthreads):
                 step = min(<Py_ssize_t>(1 << 20), end - off)
                 memcpy(dp + off, sp + off, step)
                 off = off + step  # not `+=`: prange would make it a reduction
+
+
+def stream_read(src, int nthreads):
+    """Read src (a C-contiguous uint8 ndarray) once with the kernels' threads, at the active
+    ISA level: the read-only bandwidth probe for the reductions. Each thread sums the 64-bit
+    words of one contiguous equal share (a multiple of 64 bytes); returns that sum (mod 2^64,
+    trailing bytes of a length not a multiple of 8 ignored) so the reads cannot be dropped.
+    """
+    cdef Py_ssize_t n, share, t, off, end
+    cdef const unsigned char *sp
+    cdef unsigned long long total = 0
+    cdef int nt
+    if cnp.PyArray_TYPE(_array(src, "src")) != cnp.NPY_UINT8:
+        raise TypeError(f"stream_read: src must be uint8, got {src.dtype}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>src):
+        raise ValueError("stream_read: src must be C-contiguous")
+    n = cnp.PyArray_SIZE(<cnp.ndarray>src)
+    if n == 0:
+        return 0
+    sp = <const unsigned char *>cnp.PyArray_DATA(<cnp.ndarray>src)
+    nt = _nthreads(_clamp_threads(nthreads), n // 4)
+    share = (((n + nt - 1) // nt) + 63) & ~(<Py_ssize_t>63)
+    with nogil:
+        for t in prange(nt, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+            off = t * share
+            end = min(n, off + share)
+            if off < end:
+                total += fbn_stream_read(sp + off, (end - off) & ~(<Py_ssize_t>7))
+    return total
