@@ -262,6 +262,7 @@ def test_noisy_bn_is_per_layer_and_per_step():
 @pytest.mark.parametrize("script,figures", [
     ("noisy_bn.py", ["training_curves.png", "ics.png"]),
     ("landscape.py", ["landscape.png"]),
+    ("lr_sweep.py", ["lr_sweep.png"]),
 ])
 def test_script_quick_mode_writes_figures_and_summary(script, figures, tmp_path):
     for module in ("matplotlib", "sklearn", "tqdm"):
