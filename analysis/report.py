@@ -131,7 +131,7 @@ def noisy_claims(out):
         verdict="reproduced" if not lower else "different",
         why=("BN's ICS is not below " + f"{ICS_RATIO}× the standard net's" +
              (" (it is larger)" if higher else "")) if not lower else
-            f"BN's ICS is below {ICS_RATIO}× the standard net's here (small MLP, digits)"))
+            f"BN's ICS is below {ICS_RATIO}× the standard net's here ({res['config'].get('data', 'digits')})"))
     return claims
 
 
