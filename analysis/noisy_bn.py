@@ -1,14 +1,17 @@
 #!/usr/bin/env python
 """Santurkar et al. (2018), Sec. 2: does batch norm help by reducing internal covariate shift?
 
-Trains three ReLU perceptrons with the same initial weights and the same batches on
-scikit-learn's bundled digits (8x8 images, 10 classes; a fixed stratified 75/25 split):
+Trains four ReLU perceptrons with the same initial weights and the same batches on
+MNIST-1D (or a hard make_classification problem without the mnist1d package; see
+fastbn.analysis.santurkar.load_hard_split), at a learning rate where BN matters (lr_sweep.py):
 
   * standard: Linear -> ReLU blocks;
   * BN: Linear -> fastbn BatchNorm -> ReLU;
   * noisy BN: Linear -> BatchNorm -> a <- s*a + m -> ReLU, with a fresh draw every step and in
     every layer (mu_t ~ U(-0.5, 0.5), sigma_t ~ U(1, 1.25), m ~ U(mu_t ± 0.1), s ~ N(sigma_t, 0.1)),
-    i.e. a deliberately *unstable* distribution of every layer's input;
+    i.e. a deliberately *unstable* distribution of every layer's input; drawn i.i.d. for every
+    activation of every sample (the paper's, default) and, as a labelled variant, once per unit
+    and step (shared by the batch, "per step");
 
 and measures, every few steps, the internal covariate shift of the standard and the BN network
 per layer: G = grad_{W_i} L(W^t), G' = the same after layers 1..i-1 took this step's update (same
@@ -16,7 +19,9 @@ batch); ||G - G'||_2 and cos(G, G').
 
 Writes to the output folder: training_curves.png (training loss, training accuracy, test
 accuracy against the step; mean over seeds, band = min..max over seeds), ics.png (ICS against the
-step for three layers), summary.md (tables) and results.json (every number).
+step for three layers: absolute, relative to ||G|| and cosine), activations.png (Fig. 2: the
+15/50/85 % quantiles of one unit's pre-activation against the step), activation_drift.json,
+summary.md (tables) and results.json (every number).
 
     python analysis/noisy_bn.py [OUT_DIR] [--quick] [--seed N] [--threads N]
 
@@ -34,26 +39,31 @@ import numpy as np
 import _script  # analysis/_script.py, beside this script (sys.path[0] when run as a script)
 from fastbn.analysis import landscape, nn
 
-KINDS = ("standard", "bn", "noisy_bn")
-LABELS = {"standard": "standard", "bn": "BN", "noisy_bn": "noisy BN"}
-COLORS = {"standard": "tab:blue", "bn": "tab:orange", "noisy_bn": "tab:green"}
+KINDS = ("standard", "bn", "noisy_bn", "noisy_bn_step")
+LABELS = {"standard": "standard", "bn": "BN", "noisy_bn": "noisy BN (per sample)",
+          "noisy_bn_step": "noisy BN (per step)"}
+COLORS = {"standard": "tab:blue", "bn": "tab:orange", "noisy_bn": "tab:green",
+          "noisy_bn_step": "tab:olive"}
+QUANTILES = (15, 50, 85)  # Fig. 2: percentiles of one unit's pre-activation over the batch
 ICS_KINDS = ("standard", "bn")
 # A run whose batch loss exceeds this has diverged (the loss at initialisation is ~2.3 = log 10;
 # past this the logits are off by thousands and the weights keep growing): it is stopped there.
 DIVERGED_LOSS = 1e4
 
 CONFIGS = {
-    "quick": dict(depth=4, hidden=32, epochs=3, seeds=1, batch_size=64, lr=0.05, momentum=0.9,
+    "quick": dict(depth=4, hidden=32, epochs=2, seeds=1, batch_size=64, lr=0.1, momentum=0.9,
                   ics_every=4, early_steps=21),
-    "full": dict(depth=10, hidden=100, epochs=30, seeds=3, batch_size=64, lr=0.02, momentum=0.9,
-                 ics_every=5, early_steps=105),
+    # lr 0.1: where BN trains clearly better than the standard net (see lr_sweep.py), so that
+    # "noisy BN trains as well as BN" is a statement about something BN does
+    "full": dict(depth=10, hidden=64, epochs=15, seeds=3, batch_size=64, lr=0.1, momentum=0.9,
+                 ics_every=8, early_steps=104),
 }
 
 
 def parse_args(argv=None):
     return _script.parse_args(
         argv, name="noisy_bn",
-        description="Training curves of standard, BN and noisy-BN perceptrons on digits, and "
+        description="Training curves of standard, BN and noisy-BN perceptrons on MNIST-1D, and "
                     "the internal covariate shift of standard vs BN (Santurkar et al. 2018).",
         threads_help=("BLAS and fastbn threads; the matrices are small, more threads mostly add "
                       "overhead"))
@@ -68,12 +78,15 @@ def train(kind, seed, cfg, data, progress):
     """One run; returns a dict of lists (JSON-serialisable)."""
     x_tr, y_tr, x_te, y_te = data
     net = nn.mlp(x_tr.shape[1], cfg["hidden"], 10, cfg["depth"], batch_norm=kind != "standard",
-                 noisy_bn=kind == "noisy_bn", seed=seed)
+                 noisy_bn=kind.startswith("noisy"),
+                 noise="per_step" if kind == "noisy_bn_step" else "per_sample", seed=seed)
+    taps = attach_taps(net, tap_blocks(cfg["depth"]))
     opt = nn.SGD(net.parameters(), cfg["lr"], momentum=cfg["momentum"])
-    # the batch order depends on the seed only, so the three networks see the same batches
+    # the batch order depends on the seed only, so all networks see the same batches
     order = np.random.default_rng([seed, 1])
     rec = {"step": [], "loss": [], "acc": [], "eval_step": [], "test_loss": [], "test_acc": [],
-           "ics_step": [], "ics_l2": [], "ics_cos": [], "ics_norm": [], "diverged_at": None}
+           "ics_step": [], "ics_l2": [], "ics_cos": [], "ics_norm": [], "diverged_at": None,
+           "act_q": []}
 
     def evaluate(step):
         loss, acc = nn.evaluate(net, x_te, y_te)
@@ -94,6 +107,7 @@ def train(kind, seed, cfg, data, progress):
                 return rec
             rec["step"].append(step)
             rec["loss"].append(loss)
+            rec["act_q"].append([t.last for t in taps])
             rec["acc"].append(float(np.mean(np.argmax(logits, axis=1) == yb)))
             if kind in ICS_KINDS and step % cfg["ics_every"] == 0:
                 ics = landscape.internal_covariate_shift(net, xb, yb, opt.peek(net.gradients()))
@@ -109,6 +123,31 @@ def train(kind, seed, cfg, data, progress):
     rec["final_train_loss_eval"] = train_loss
     rec["final_train_acc_eval"] = train_acc
     return rec
+
+
+class TapReLU(nn.ReLU):
+    """A ReLU that keeps the 15/50/85 % quantiles of its input's unit 0 over the batch (the
+    block's pre-activation: after BN and noise in the BN networks), for Fig. 2."""
+
+    last = None
+
+    def forward(self, x):
+        self.last = np.percentile(np.asarray(x)[:, 0], QUANTILES).tolist()
+        return super().forward(x)
+
+
+def tap_blocks(depth):
+    """Hidden blocks (1-based) whose pre-activations Fig. 2 shows: the second and the last."""
+    return sorted({min(2, depth - 1), depth - 1})
+
+
+def attach_taps(net, blocks):
+    relus = [i for i, l in enumerate(net.layers) if isinstance(l, nn.ReLU)]
+    taps = []
+    for b in blocks:
+        net.layers[relus[b - 1]] = tap = TapReLU()
+        taps.append(tap)
+    return taps
 
 
 def steps_per_epoch(n, batch_size):
@@ -156,11 +195,14 @@ def plot_training(results, cfg, path, window):
     axes[0].set_title(f"training loss (batch, train mode; {window}-step average)")
     axes[1].set_title(f"training accuracy (batch; {window}-step average)")
     axes[2].set_title("test accuracy (eval mode, after each epoch)")
+    axes[0].set_ylabel("cross-entropy loss (nats)")
+    axes[1].set_ylabel("accuracy (fraction of the batch)")
+    axes[2].set_ylabel("accuracy (fraction of the test set)")
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"digits, {cfg['depth']}-layer ReLU MLP (width {cfg['hidden']}), SGD lr "
+    fig.suptitle(f"{cfg['data']}, {cfg['depth']}-layer ReLU MLP (width {cfg['hidden']}), SGD lr "
                  f"{cfg['lr']} momentum {cfg['momentum']}, batch {cfg['batch_size']}; "
                  f"{cfg['seeds']} seed(s): mean, band = min..max")
     fig.tight_layout()
@@ -180,18 +222,27 @@ def plot_ics(results, cfg, path, window):
     import matplotlib.pyplot as plt
 
     layers = ics_layers(cfg["depth"])
-    fig, axes = plt.subplots(2, len(layers), figsize=(5 * len(layers), 7.5), squeeze=False)
+    fig, axes = plt.subplots(3, len(layers), figsize=(5 * len(layers), 10.5), squeeze=False)
     for col, layer in enumerate(layers):
         for kind in ICS_KINDS:
             runs = [dict(r, l2=[v[layer - 1] for v in r["ics_l2"]],
+                         rel=[v[layer - 1] / n[layer - 1] if n[layer - 1] > 0 else np.nan
+                              for v, n in zip(r["ics_l2"], r["ics_norm"])],
                          cos=[v[layer - 1] for v in r["ics_cos"]]) for r in results[kind]]
             _band(axes[0, col], runs, "ics_step", "l2", COLORS[kind], LABELS[kind], window,
                   log=True)
-            _band(axes[1, col], runs, "ics_step", "cos", COLORS[kind], LABELS[kind], window)
+            _band(axes[1, col], runs, "ics_step", "rel", COLORS[kind], LABELS[kind], window,
+                  log=True)
+            _band(axes[2, col], runs, "ics_step", "cos", COLORS[kind], LABELS[kind], window)
         axes[0, col].set_yscale("log")
+        axes[1, col].set_yscale("log")
         axes[0, col].set_title(f"layer {layer}: ||G - G'||_2")
-        axes[1, col].set_title(f"layer {layer}: cos(G, G')")
-        axes[1, col].set_ylim(top=1.02)
+        axes[1, col].set_title(f"layer {layer}: relative ICS ||G - G'||_2 / ||G||_2")
+        axes[2, col].set_title(f"layer {layer}: cos(G, G')")
+        axes[0, col].set_ylabel("||G - G'||_2 (loss units per weight unit)")
+        axes[1, col].set_ylabel("||G - G'|| / ||G|| (ratio)")
+        axes[2, col].set_ylabel("cosine (dimensionless)")
+        axes[2, col].set_ylim(top=1.02)
         for ax in axes[:, col]:
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
@@ -202,6 +253,58 @@ def plot_ics(results, cfg, path, window):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_activations(results, cfg, path):
+    """Fig. 2: the 15/50/85 % quantiles over the batch of one unit's pre-activation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = tap_blocks(cfg["depth"])
+    fig, axes = plt.subplots(len(blocks), len(KINDS), figsize=(4.2 * len(KINDS),
+                             3.4 * len(blocks)), squeeze=False, sharex=True)
+    for row, block in enumerate(blocks):
+        for col, kind in enumerate(KINDS):
+            ax = axes[row, col]
+            run = results[kind][0]
+            q = np.array([a[row] for a in run["act_q"]])
+            if q.size:
+                steps = np.asarray(run["step"][:len(q)])
+                ax.fill_between(steps, q[:, 0], q[:, 2], color=COLORS[kind], alpha=0.3, lw=0,
+                                label="15..85 %")
+                ax.plot(steps, q[:, 1], color=COLORS[kind], lw=0.8, label="median")
+            ax.set_title(f"{LABELS[kind]}: block {block}, unit 0", fontsize=9)
+            ax.set_ylabel("pre-activation (input to ReLU)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            if row == len(blocks) - 1:
+                ax.set_xlabel("step")
+    fig.suptitle("Santurkar et al. Fig. 2: distribution over the batch of one unit's input to "
+                 f"the ReLU (after BN and noise), seed {cfg['seed0']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def activation_drift(results, cfg):
+    """Per kind and tapped block: median over seeds of the mean |change of the batch median|
+    between consecutive steps, in units of that run's typical 15-85 % width (the step-to-step
+    instability of the layer's input distribution that noisy BN is meant to create)."""
+    out = {}
+    for kind in KINDS:
+        out[kind] = []
+        for row in range(len(tap_blocks(cfg["depth"]))):
+            vals = []
+            for r in results[kind]:
+                q = np.array([a[row] for a in r["act_q"]])
+                if len(q) < 3:
+                    continue
+                width = np.median(q[:, 2] - q[:, 0])
+                vals.append(float(np.mean(np.abs(np.diff(q[:, 1]))) / max(width, 1e-12)))
+            out[kind].append(float(np.median(vals)) if vals else float("nan"))
+    return out
 
 
 # --------------------------------------------------------------------------- summary
@@ -281,14 +384,15 @@ def write_summary(path, results, cfg, mode, spe, wall, fig_names):
     early = cfg["early_steps"]
     text = f"""# Noisy BN and internal covariate shift (Santurkar et al. 2018, Sec. 2)
 
-Mode: **{mode}**. Data: scikit-learn digits, 1347 training / 450 test images (stratified split,
-seed 0), standardised pixels. Network: {cfg['depth']} Linear layers of width {cfg['hidden']},
+Mode: **{mode}**. Data: {cfg['data']} ({cfg['n_train']} training / {cfg['n_test']} test,
+standardised features). Network: {cfg['depth']} Linear layers of width {cfg['hidden']},
 ReLU; BN networks have fastbn `BatchNorm` after every hidden Linear (whose bias is then dropped).
-Same initial weights and batches for the three networks of a seed. SGD, lr {cfg['lr']}, momentum
+Same initial weights and batches for the networks of a seed. SGD, lr {cfg['lr']}, momentum
 {cfg['momentum']}, batch {cfg['batch_size']}, {cfg['epochs']} epochs ({spe} steps each),
 seeds {cfg['seed0']}..{cfg['seed0'] + cfg['seeds'] - 1}. Noisy BN: after each BN,
 a ← s⊙a + m with a new draw every step and layer: μ_t ~ U(−0.5, 0.5), σ_t ~ U(1, 1.25),
-m ~ U(μ_t − 0.1, μ_t + 0.1), s ~ N(σ_t, 0.1). In eval mode (test accuracy) the noise layer
+m ~ U(μ_t − 0.1, μ_t + 0.1), s ~ N(σ_t, 0.1); "per sample" (the paper's, Sec. 2.1): i.i.d.
+for each activation of each sample; "per step": one (m, s) per unit shared by the batch. In eval mode (test accuracy) the noise layer
 applies its expectation, a ← 1.125·a, as dropout does at inference.
 
 Cells: mean over seeds (min..max over seeds). Figures: {', '.join(fig_names)}.
@@ -331,7 +435,10 @@ def main(argv=None):
     from tqdm import tqdm
 
     start = time.perf_counter()
-    data = nn.load_digits_split(seed=0)
+    from fastbn.analysis import santurkar
+
+    *data, cfg["data"] = santurkar.load_hard_split()
+    cfg["n_train"], cfg["n_test"] = len(data[0]), len(data[2])
     spe = steps_per_epoch(len(data[0]), cfg["batch_size"])
     total = len(KINDS) * cfg["seeds"] * cfg["epochs"] * spe
     results = {k: [] for k in KINDS}
@@ -349,7 +456,11 @@ def main(argv=None):
     with open(os.path.join(args.out_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump({"config": cfg, "mode": mode, "train_wall_s": train_wall, "runs": results}, f)
     window = max(1, spe if mode == "full" else 3)
-    figs = ["training_curves.png", "ics.png"]
+    figs = ["training_curves.png", "ics.png", "activations.png"]
+    plot_activations(results, cfg, os.path.join(args.out_dir, figs[2]))
+    drift = activation_drift(results, cfg)
+    with open(os.path.join(args.out_dir, "activation_drift.json"), "w", encoding="utf-8") as f:
+        json.dump({"blocks": tap_blocks(cfg["depth"]), "drift": drift}, f)
     plot_training(results, cfg, os.path.join(args.out_dir, figs[0]), window)
     plot_ics(results, cfg, os.path.join(args.out_dir, figs[1]),
              max(1, 20 // cfg["ics_every"]) if mode == "full" else 1)

@@ -245,7 +245,7 @@ def test_noisy_bn_draws_follow_the_specified_distribution():
 
 
 def test_noisy_bn_is_per_layer_and_per_step():
-    net = nn.mlp(3, 8, 2, 4, batch_norm=True, noisy_bn=True, seed=0)
+    net = nn.mlp(3, 8, 2, 4, batch_norm=True, noisy_bn=True, seed=0, noise="per_step")
     noisy = [l for l in net.layers if isinstance(l, landscape.NoisyBN)]
     assert len(noisy) == 3
     first = [(l.mu_t, l.sigma_t) for l in noisy]
@@ -262,6 +262,7 @@ def test_noisy_bn_is_per_layer_and_per_step():
 @pytest.mark.parametrize("script,figures", [
     ("noisy_bn.py", ["training_curves.png", "ics.png"]),
     ("landscape.py", ["landscape.png"]),
+    ("lr_sweep.py", ["lr_sweep.png"]),
 ])
 def test_script_quick_mode_writes_figures_and_summary(script, figures, tmp_path):
     for module in ("matplotlib", "sklearn", "tqdm"):

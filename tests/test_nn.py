@@ -257,8 +257,32 @@ def test_preserved_state_restores_everything(rng):
             assert np.array_equal(np.asarray(after[k][name]), np.asarray(buffers[k][name]))
 
 
-def test_noisy_bn_layer_forward_backward(rng):
+def test_noisy_bn_per_sample_forward_backward(rng):
     layer = nn.NoisyBN(6, seed=0)
+    assert layer.noise == "per_sample"
+    a = rng.standard_normal((4, 6))
+    y = layer.forward(a)
+    assert layer.scale.shape == layer.shift.shape == (4, 6)
+    assert np.array_equal(y, a * layer.scale + layer.shift)
+    # every activation of every sample has its own draw
+    assert len(np.unique(layer.scale)) == 24 and len(np.unique(layer.shift)) == 24
+    assert np.all(np.abs(layer.shift - layer.mu_t) <= 0.1)
+    dy = rng.standard_normal((4, 6))
+    assert np.array_equal(layer.backward(dy), dy * layer.scale)
+    # fixed within a step (probes see one loss), new after resample
+    assert np.array_equal(layer.forward(a), y)
+    layer.resample()
+    assert not np.array_equal(layer.forward(a), y)
+    with pytest.raises(ValueError, match=r"dy: expected shape \(4, 6\)"):
+        layer.backward(dy[:3])
+    layer.eval()
+    assert np.array_equal(layer.forward(a), a * 1.125)
+    with pytest.raises(ValueError, match=r"noise: expected one of"):
+        nn.NoisyBN(6, noise="per_unit")
+
+
+def test_noisy_bn_layer_forward_backward(rng):
+    layer = nn.NoisyBN(6, seed=0, noise="per_step")
     a = rng.standard_normal((4, 6))
     y = layer.forward(a)
     assert np.array_equal(y, a * layer.scale + layer.shift)

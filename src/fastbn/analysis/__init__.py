@@ -5,7 +5,7 @@ loss-landscape measures (``landscape``).
 Pure NumPy; nothing heavier is imported here (the scripts in ``analysis/`` import matplotlib,
 scikit-learn and tqdm themselves).
 """
-from . import landscape, nn, reparam
+from . import landscape, nn, reparam, santurkar
 from .reparam import *  # noqa: F403 - the public names are reparam.__all__
 
-__all__ = ["landscape", "nn", "reparam", *reparam.__all__]
+__all__ = ["landscape", "nn", "reparam", "santurkar", *reparam.__all__]

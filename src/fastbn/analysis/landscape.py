@@ -9,6 +9,9 @@ eta' in a range:
   divided by the distance moved, ||eta' g||_2;
 * internal covariate shift (ICS) at layer i: G = grad_{W_i} L(W^t) and G' = the same gradient
   after layers 1..i-1 have been moved to W^{t+1} (same batch); ||G - G'||_2 and cos(G, G').
+* the largest Hessian eigenvalue of L at W_t (:func:`top_hessian_eigenvalue`): power iteration on
+  Hessian-vector products taken as central differences of gradients; it is the local
+  beta-smoothness that the effective beta above estimates along one direction.
 
 "Noisy BN" (:class:`NoisyBN`, :func:`sample_noisy_bn`) is defined in :mod:`.nn` and re-exported
 here.
@@ -40,6 +43,7 @@ __all__ = [
     "gradient_predictiveness",
     "effective_beta_smoothness",
     "internal_covariate_shift",
+    "top_hessian_eigenvalue",
     "NoisyBN",
     "sample_noisy_bn",
 ]
@@ -195,3 +199,40 @@ def internal_covariate_shift(net, x, labels, next_params):
             denom = norms[i] * np.linalg.norm(G2)
             cosine[i] = float(G @ G2) / denom if denom > 0 else float("nan")
     return CovariateShift(l2=l2, cosine=cosine, grad_norm=norms)
+
+
+def top_hessian_eigenvalue(net, x, labels, *, iters=20, h=1e-4, tol=1e-3, seed=0):
+    """The Hessian eigenvalue of largest magnitude of the training-mode loss at W_t.
+
+    Power iteration v <- Hv / ||Hv|| from a random unit vector (``seed``), with
+    Hv ~ (grad L(W + h v) - grad L(W - h v)) / (2 h); stops when the Rayleigh quotient v'Hv
+    changes by less than ``tol`` (relative) or after ``iters`` products. Returns
+    (eigenvalue as v'Hv, number of Hessian-vector products). Two gradient passes per product;
+    the network is left as found.
+    """
+    _check_net(net)
+    iters = _validation.int_at_least(iters, "iters")
+    h = _validation.real_where(h, "h", "a finite number > 0", lambda v: v > 0)
+    rng = np.random.default_rng(seed)
+    with preserved_state(net), _train_mode(net):
+        w = net.get_flat_params()
+        v = rng.standard_normal(w.size)
+        v /= np.linalg.norm(v)
+        lam = float("nan")
+        k = 0
+        for k in range(1, iters + 1):
+            net.set_flat_params(w + h * v)
+            _, g_plus = _gradient(net, x, labels)
+            net.set_flat_params(w - h * v)
+            _, g_minus = _gradient(net, x, labels)
+            hv = (g_plus - g_minus) / (2 * h)
+            new = float(v @ hv)
+            norm = np.linalg.norm(hv)
+            if not np.isfinite(norm) or norm == 0:
+                return new, k
+            v = hv / norm
+            if np.isfinite(lam) and abs(new - lam) <= tol * abs(new):
+                lam = new
+                break
+            lam = new
+    return lam, k

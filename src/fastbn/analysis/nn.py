@@ -43,12 +43,14 @@ __all__ = [
     "load_digits_split",
     "preserved_state",
     "NOISY_BN_RANGES",
+    "NOISE_MODES",
 ]
 
 
-# The "noisy BN" distribution of the issue (Santurkar et al., Sec. 2.1): per step and layer
-# mu_t ~ U(-0.5, 0.5), sigma_t ~ U(1, 1.25); per unit m ~ U(mu_t - 0.1, mu_t + 0.1) and
-# s ~ N(sigma_t, 0.1) (0.1 is the standard deviation).
+# The "noisy BN" distribution (Santurkar et al., Sec. 2.1 and their appendix's constants): per
+# step and layer mu_t ~ U(-0.5, 0.5), sigma_t ~ U(1, 1.25); per activation of each sample (or,
+# with noise="per_step", per unit) m ~ U(mu_t - 0.1, mu_t + 0.1) and s ~ N(sigma_t, 0.1)
+# (0.1 is the standard deviation).
 NOISY_BN_RANGES = {
     "mu": (-0.5, 0.5),
     "sigma": (1.0, 1.25),
@@ -119,14 +121,20 @@ class Layer:
 
 
 class Linear(Layer):
-    """Fully connected layer, y = x @ weight.T + bias, with Kaiming-normal weights."""
+    """Fully connected layer, y = x @ weight.T + bias, weights N(0, gain / in_features).
 
-    def __init__(self, in_features, out_features, *, bias=True, seed=None, dtype=np.float64):
+    gain = 2 (the default) is Kaiming-normal, for ReLU networks; gain = 1 for linear networks.
+    """
+
+    def __init__(self, in_features, out_features, *, bias=True, seed=None, dtype=np.float64,
+                 gain=2.0):
         self.in_features = _check_count(in_features, "in_features")
         self.out_features = _check_count(out_features, "out_features")
         self.dtype = _check_dtype(dtype)
+        gain = _check_real(gain, "gain", "a finite number > 0", lambda v: v > 0)
         rng = _generator(seed)
-        std = math.sqrt(2.0 / self.in_features)
+        # N(0, gain / in_features): gain 2 is He's for ReLU, 1 keeps a linear net's scale
+        std = math.sqrt(gain / self.in_features)
         # drawn in float64 then cast, so the float32 net starts from the rounded float64 one
         w = rng.standard_normal((self.out_features, self.in_features)) * std
         self.weight = w.astype(self.dtype)
@@ -246,36 +254,57 @@ class BatchNorm1d(Layer):
         return f"BatchNorm1d({self.num_features}, dtype={self.dtype.name})"
 
 
-def sample_noisy_bn(num_features, rng):
+NOISE_MODES = ("per_sample", "per_step")
+
+
+def sample_noisy_bn(num_features, rng, *, batch_size=None):
     """One draw of the "noisy BN" perturbation for one layer and step.
 
     Returns (shift m, scale s, mu_t, sigma_t): mu_t ~ U(-0.5, 0.5), sigma_t ~ U(1, 1.25), then
-    per unit m ~ U(mu_t - 0.1, mu_t + 0.1) and s ~ N(sigma_t, 0.1). m and s are float64 (n,).
+    m ~ U(mu_t - 0.1, mu_t + 0.1) and s ~ N(sigma_t, 0.1), i.i.d. per entry. m and s are
+    float64 of shape (num_features,), or (batch_size, num_features) when batch_size is given
+    (one draw per activation of each sample, the paper's noise).
     """
     n = _check_count(num_features, "num_features")
+    shape = (n,) if batch_size is None else (_check_count(batch_size, "batch_size"), n)
     rng = _generator(rng, "rng")
     mu_t = rng.uniform(*NOISY_BN_RANGES["mu"])
     sigma_t = rng.uniform(*NOISY_BN_RANGES["sigma"])
     h = NOISY_BN_RANGES["shift_half_width"]
-    shift = rng.uniform(mu_t - h, mu_t + h, size=n)
-    scale = rng.normal(sigma_t, NOISY_BN_RANGES["scale_std"], size=n)
+    shift = rng.uniform(mu_t - h, mu_t + h, size=shape)
+    scale = rng.normal(sigma_t, NOISY_BN_RANGES["scale_std"], size=shape)
     return shift, scale, float(mu_t), float(sigma_t)
 
 
 class NoisyBN(Layer):
-    """Santurkar et al.'s distributional noise after a BN layer: a <- s * a + m per unit.
+    """Santurkar et al.'s distributional noise after a BN layer: a <- s * a + m.
 
-    The draw (``shift``, ``scale``, ``mu_t``, ``sigma_t``) stays fixed until :meth:`resample`,
-    which the training loop calls once per step: the probes of one step then see one loss
-    function. In eval mode the layer applies the noise's expectation, a <- E[s] a + E[m] =
-    1.125 a (E[m] = 0), as dropout does at inference: the identity would shrink every
-    activation by 1/1.125 against what training saw, and the next BN's running statistics and
-    the last Linear layer were fitted to the scaled activations.
+    Santurkar et al. (2018), Sec. 2.1: "we add time-varying, non-stationary random noise [...]
+    each activation for each sample in the batch is perturbed using i.i.d. noise sampled with
+    a non-zero mean and non-unit variance distribution, where the noise distribution changes
+    at each time step"; their appendix gives the constants of :data:`NOISY_BN_RANGES` (per
+    step and layer mu_t ~ U(-0.5, 0.5) and sigma_t ~ U(1, 1.25); per entry m ~ U(mu_t -
+    0.1, mu_t + 0.1), s ~ N(sigma_t, 0.1)).
+
+    ``noise="per_sample"`` (default, the paper's): m and s have shape (batch, features), one
+    i.i.d. draw per activation of each sample. ``noise="per_step"``: one (m, s) per unit,
+    shared by the whole batch (this package's earlier, weaker variant, kept for comparison).
+
+    A draw stays fixed until :meth:`resample`, which the training loop calls once per step:
+    the probes of one step then see one loss function. With per-sample noise the draw is made
+    at the first training-mode forward of a batch size after :meth:`resample` (the layer does
+    not know the batch size before) and reused for that size until the next resample.
+    In eval mode the layer applies the noise's expectation, a <- E[s] a + E[m] = 1.125 a
+    (E[m] = 0), as dropout does at inference: the identity would shrink every activation by
+    1/1.125 against what training saw.
     """
 
-    def __init__(self, num_features, *, seed=None, dtype=np.float64):
+    def __init__(self, num_features, *, seed=None, dtype=np.float64, noise="per_sample"):
         self.num_features = _check_count(num_features, "num_features")
         self.dtype = _check_dtype(dtype)
+        if noise not in NOISE_MODES:
+            raise ValueError(f"noise: expected one of {NOISE_MODES}, got {noise!r}")
+        self.noise = noise
         self.rng = _generator(seed)
         self.mean_scale = float(np.mean(NOISY_BN_RANGES["sigma"]))  # E[s] = E[sigma_t]
         self.mean_shift = float(np.mean(NOISY_BN_RANGES["mu"]))     # E[m] = E[mu_t]
@@ -283,15 +312,35 @@ class NoisyBN(Layer):
         self.resample()
 
     def resample(self):
-        shift, scale, self.mu_t, self.sigma_t = sample_noisy_bn(self.num_features, self.rng)
-        self.shift = shift.astype(self.dtype)
-        self.scale = scale.astype(self.dtype)
+        """A new step: new mu_t, sigma_t (and, per step, new m and s)."""
+        self._per_size = {}
+        if self.noise == "per_step":
+            shift, scale, self.mu_t, self.sigma_t = sample_noisy_bn(self.num_features, self.rng)
+            self.shift = shift.astype(self.dtype)
+            self.scale = scale.astype(self.dtype)
+        else:
+            self.mu_t = float(self.rng.uniform(*NOISY_BN_RANGES["mu"]))
+            self.sigma_t = float(self.rng.uniform(*NOISY_BN_RANGES["sigma"]))
+            self.shift = self.scale = None  # drawn at the first forward (needs the batch size)
+
+    def _draw(self, n):
+        if self.noise == "per_step":
+            return self.shift, self.scale
+        if n not in self._per_size:
+            h = NOISY_BN_RANGES["shift_half_width"]
+            shape = (n, self.num_features)
+            shift = self.rng.uniform(self.mu_t - h, self.mu_t + h, size=shape)
+            scale = self.rng.normal(self.sigma_t, NOISY_BN_RANGES["scale_std"], size=shape)
+            self._per_size[n] = (shift.astype(self.dtype), scale.astype(self.dtype))
+        self.shift, self.scale = self._per_size[n]
+        return self.shift, self.scale
 
     def forward(self, x):
         x = _check_batch(x, self.num_features)
         if self.training:
-            self._factor = self.scale
-            return x * self.scale + self.shift
+            shift, scale = self._draw(x.shape[0])
+            self._factor = scale
+            return x * scale + shift
         self._factor = self.mean_scale
         return (x * self.mean_scale + self.mean_shift).astype(x.dtype, copy=False)
 
@@ -299,10 +348,12 @@ class NoisyBN(Layer):
         if self._factor is None:
             raise RuntimeError("NoisyBN.backward: call forward first")
         dy = _check_batch(dy, self.num_features, "dy")
+        if np.ndim(self._factor) == 2 and dy.shape != self._factor.shape:
+            raise ValueError(f"dy: expected shape {self._factor.shape}, got {dy.shape}")
         return (dy * self._factor).astype(dy.dtype, copy=False)
 
     def __repr__(self):
-        return f"NoisyBN({self.num_features})"
+        return f"NoisyBN({self.num_features}, noise={self.noise!r})"
 
 
 class Sequential(Layer):
@@ -445,13 +496,17 @@ def _flatten(arrays):
 
 
 def mlp(in_features, hidden, out_features, depth, *, batch_norm=False, noisy_bn=False,
-        seed=0, dtype=np.float64, bn_eps=1e-5, bn_momentum=0.1):
-    """A ReLU perceptron with ``depth`` Linear layers (depth - 1 hidden layers of ``hidden``).
+        seed=0, dtype=np.float64, bn_eps=1e-5, bn_momentum=0.1, noise="per_sample",
+        activation="relu"):
+    """A perceptron with ``depth`` Linear layers (depth - 1 hidden layers of ``hidden``).
 
     Each hidden block is Linear -> [BatchNorm1d -> [NoisyBN]] -> ReLU; the last Linear gives
     the logits. With batch norm the hidden Linear layers have no bias (BN's beta replaces it).
     Linear ``i`` is seeded with ``seed + i``, so the standard and the BN network built with
-    one seed start from the same weights. NoisyBN layers draw from ``seed + 1000 + i``.
+    one seed start from the same weights. NoisyBN layers draw from ``seed + 1000 + i`` with
+    the given ``noise`` mode (see :class:`NoisyBN`). ``activation=None`` builds a deep
+    *linear* network (no ReLU; weights N(0, 1/in) so that the signal keeps its scale), as in
+    Santurkar et al.'s Fig. 5.
     """
     in_features = _check_count(in_features, "in_features")
     hidden = _check_count(hidden, "hidden")
@@ -461,18 +516,25 @@ def mlp(in_features, hidden, out_features, depth, *, batch_norm=False, noisy_bn=
     if noisy_bn and not batch_norm:
         raise ValueError("noisy_bn: expected batch_norm=True with noisy_bn=True "
                          "(the noise is injected after each BN layer), got batch_norm=False")
+    if activation not in ("relu", None):
+        raise ValueError(f"activation: expected 'relu' or None, got {activation!r}")
+    if noise not in NOISE_MODES:
+        raise ValueError(f"noise: expected one of {NOISE_MODES}, got {noise!r}")
     dtype = _check_dtype(dtype)
+    gain = 2.0 if activation == "relu" else 1.0
     layers = []
     width = in_features
     for i in range(depth - 1):
-        layers.append(Linear(width, hidden, bias=not batch_norm, seed=seed + i, dtype=dtype))
+        layers.append(Linear(width, hidden, bias=not batch_norm, seed=seed + i, dtype=dtype,
+                             gain=gain))
         if batch_norm:
             layers.append(BatchNorm1d(hidden, eps=bn_eps, momentum=bn_momentum, dtype=dtype))
             if noisy_bn:
-                layers.append(NoisyBN(hidden, seed=seed + 1000 + i, dtype=dtype))
-        layers.append(ReLU())
+                layers.append(NoisyBN(hidden, seed=seed + 1000 + i, dtype=dtype, noise=noise))
+        if activation == "relu":
+            layers.append(ReLU())
         width = hidden
-    layers.append(Linear(width, out_features, seed=seed + depth - 1, dtype=dtype))
+    layers.append(Linear(width, out_features, seed=seed + depth - 1, dtype=dtype, gain=gain))
     return Sequential(layers)
 
 
