@@ -22,7 +22,6 @@ arguments, with every array argument bitwise unchanged (and the layer's state un
 API and its documented contract are used.
 """
 import argparse
-import copy
 import json
 import math
 import os

@@ -37,3 +37,10 @@ def test_bench_without_pytorch_says_so_in_one_line():
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("PyTorch is not installed") == 1
     assert "speed-up vs PyTorch" not in r.stdout
+
+
+def test_the_main_job_report_runs_and_passes_its_checks():
+    r = _run()
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Self-check against the float64 reference" in r.stdout
+    assert "FAIL" not in r.stdout and "MISMATCH" not in r.stdout
