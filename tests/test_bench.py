@@ -375,3 +375,51 @@ def test_report_command_times_through_the_benchmark_loop(monkeypatch):
     rows, _ = cli_main.timing(cli_main.default_data())
     assert len(rows) == 2 and all(fb > 0 and npy > 0 for _, fb, npy, _ in rows)
     assert seen and all({"fastbn", "numpy"} <= set(names) for names in seen)
+
+
+def test_variants_suite_smoke(tmp_path, capsys):
+    """--suite variants: every variant op beside plain batch norm's, with its ratio."""
+    from fastbn.benchmark.suites import VARIANT_OPS, VARIANTS
+
+    row = min(VARIANTS, key=lambda r: r.nbytes)
+    path = tmp_path / "variants.json"
+    rc = bench.main(["--suite", "variants", "--rows", row.name, "--threads", "1",
+                     "--repeat", "2", "--sample-ms", "0.2", "--progress", "none",
+                     "--json", str(path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    with open(path) as f:
+        data = json.load(f)
+    results = data["results"]
+    assert [r["op"] for r in results] == list(VARIANT_OPS)
+    for r in results:
+        assert r["row"] == row.name and r["threads"] == 1
+        t = r["times"]["fastbn"]
+        assert len(t["samples"]) == 2 and all(_positive(v) for v in t["samples"])
+        base = VARIANT_OPS[r["op"]][0]
+        assert r["baseline"] == base
+        if base is None:
+            assert r["ratio"] is None
+        else:
+            plain = next(p for p in results if p["op"] == base)
+            assert r["ratio"] == pytest.approx(t["median"] / plain["times"]["fastbn"]["median"])
+    assert set(data["summary"]["1"]) == set(VARIANT_OPS) - {"plain-fwd", "plain-bwd"}
+    assert "x/plain" in out and "ghost-bwd" in out and "== summary" in out
+
+
+def test_variants_suite_ops_and_errors(tmp_path, capsys):
+    from fastbn.benchmark.suites import VARIANTS
+
+    row = min(VARIANTS, key=lambda r: r.nbytes)
+    path = tmp_path / "v.json"
+    assert bench.main(["--suite", "variants", "--rows", row.name, "--threads", "1",
+                       "--ops", "ghost-bwd", "--repeat", "1", "--sample-ms", "0.1",
+                       "--progress", "none", "--json", str(path)]) == 0
+    with open(path) as f:
+        ops = [r["op"] for r in json.load(f)["results"]]
+    assert ops == ["plain-fwd", "plain-bwd", "ghost-bwd"]  # the plain ops always come along
+    with pytest.raises(SystemExit):
+        bench.main(["--suite", "variants", "--ops", "fwd-train"])
+    with pytest.raises(SystemExit):
+        bench.main(["--suite", "variants", "--gpu"])
+    capsys.readouterr()

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
+import numpy as np
+
+from . import _cpu, _kernels
 from . import _validation as V
 from . import functional as F
 from ._layout import Output
+from ._threads import get_num_threads
 
 if TYPE_CHECKING:
     from ._typing import Array, ArrayLike, F64Array
@@ -195,6 +199,28 @@ def _ghost_args(be, x, axis, virtual_batch_size):
     return x, layout, v, (x.shape[0] // v if v else 0)
 
 
+def _ghost_views(be, layout, v, *arrays):
+    """Canonical (O, C, I) views of x-like arrays whose virtual batches are consecutive row
+    blocks of O, for the kernels to run on directly; None where that takes a copy (float16,
+    CuPy, a layout whose outermost memory axis is not the batch axis, foreign byte order).
+
+    Each virtual batch's block is then the very view forward_with_stats / batch_norm_backward
+    canonicalise x[g*v:(g+1)*v] to, so the kernels compute bitwise the same results.
+    """
+    if be is not _cpu or (layout.perm is not None and layout.perm[0] != 0):
+        return None
+    views = []
+    for a in arrays:
+        if (type(a) is not np.ndarray or a.dtype not in (np.float32, np.float64)
+                or a.dtype != arrays[0].dtype or not a.dtype.isnative or not a.flags.aligned):
+            return None
+        t = a if layout.perm is None else a.transpose(layout.perm)
+        if not t.flags.c_contiguous:
+            return None
+        views.append(t.reshape(layout.shape3))
+    return views
+
+
 def _ghost_forward(x, weight, bias, axis, eps, virtual_batch_size):
     """(y, mean (G, C), invstd (G, C), var (G, C), count per virtual batch)."""
     be = F._backend(x)
@@ -206,6 +232,20 @@ def _ghost_forward(x, weight, bias, axis, eps, virtual_batch_size):
     n = V.training_count(layout.count // G if G else 0, x[:v].shape)
     xp = be.xp
     y = xp.empty_like(x)  # x's layout; each x[g*v:(g+1)*v] and y[...] is a view, no copy
+    views = _ghost_views(be, layout, v, x, y) if G and C and layout.count else None
+    if views is not None:
+        # The kernel straight on each virtual batch's block of the canonical views: no
+        # per-batch validation, no out= staging, the statistics written in place.
+        x3, y3 = views
+        Og = layout.O // G
+        w, b = _cpu.chan(weight), _cpu.chan(bias)
+        nt = get_num_threads()
+        stats = np.empty((G, 3 * C))
+        for g in range(G):
+            sl = slice(g * Og, (g + 1) * Og)
+            _kernels.forward_train(x3[sl], y3[sl], Og, C, layout.I, w, b, eps, False,
+                                   stats[g], nt)
+        return (y, stats[:, :C].copy(), stats[:, 2 * C:].copy(), stats[:, C:2 * C].copy(), n)
     mean, invstd, var = (xp.zeros((G, C)) for _ in range(3))
     for g in range(G):
         sl = slice(g * v, (g + 1) * v)
@@ -250,6 +290,25 @@ def _ghost_batch_norm_backward(dy, x, mean, invstd, weight, virtual_batch_size, 
     dx = xp.empty_like(x)
     dweight, dbias = xp.zeros(C), xp.zeros(C)
     gdt = F._grad_dtype(x.dtype)
+    views = _ghost_views(be, layout, v, x, dy, dx) if G and C and layout.count else None
+    if views is not None:
+        # Each virtual batch's dx written by the kernel into its block of dx (no fresh dx per
+        # batch copied over), dweight/dbias per batch rounded to x's dtype as the fast path
+        # rounds them, then summed.
+        x3, dy3, dx3 = views
+        Og = layout.O // G
+        w = _cpu.chan(weight)
+        nt = get_num_threads()
+        sums = np.empty(2 * C)
+        dt = x.dtype
+        for g in range(G):
+            sl = slice(g * Og, (g + 1) * Og)
+            inv = _cpu.chan(invstd[g])
+            _kernels.backward(dy3[sl], x3[sl], None, dx3[sl], Og, C, layout.I,
+                              _cpu.chan(mean[g]), inv, w, True, sums, nt)
+            dweight += (sums[C:] * inv).astype(dt)
+            dbias += sums[:C].astype(dt)
+        return dx, dweight.astype(gdt), dbias.astype(gdt)
     for g in range(G):
         sl = slice(g * v, (g + 1) * v)
         dx[sl], dw, db = F.batch_norm_backward(dy[sl], x[sl], mean[g], invstd[g], weight,

@@ -16,7 +16,7 @@ from . import impls as _impls
 from . import machine, report
 from .impls import GPU_IMPLS, GPU_MAX_LOOPS, IMPLS, PROBE
 from .suites import (MB, OPS, RESNET50_BATCH, RESNET50_LAYERS, RESNET50_OPS, SUBSETS, SUITES,
-                     NetRow, select_rows)
+                     VARIANT_OPS, NetRow, select_rows)
 from .timing import cuda_event_clock, summarize, time_round_robin
 
 _CPU_ONLY = ("threads", "reuse", "torch_thp")
@@ -35,13 +35,19 @@ def parser():
                "It prints a table per layout and thread count and the whole-network sum per "
                "training step (fwd-train + bwd-train) and per inference (fwd-eval), fastbn vs "
                "PyTorch, and the worst single layer-op. --subset and --rows select within "
-               "the suite (e.g. --suite resnet50 --subset nhwc).")
+               "the suite (e.g. --suite resnet50 --subset nhwc). --suite variants: each "
+               "batch-norm variant (fixed statistics, batch renorm, ghost batches, masked "
+               "statistics, double backward, several feature axes) timed beside plain batch "
+               "norm's training forward or backward on the same arrays in the same rounds, "
+               "with its ratio to it (fastbn only; --ops picks variant ops, the plain ones are "
+               "always timed).")
     p.add_argument("--gpu", action="store_true",
                    help="the CuPy path: the same rows on the CUDA device, fastbn vs PyTorch "
                         "CUDA (cuDNN) vs a device-to-device copy (needs CuPy)")
     p.add_argument("--suite", choices=tuple(SUITES), default="shapes",
                    help="shapes: the synthetic rows (default); resnet50: the batch-norm "
-                        "layers of ResNet-50 with whole-network sums (see below)")
+                        "layers of ResNet-50 with whole-network sums; variants: the variants "
+                        "beside plain batch norm (see below)")
     p.add_argument("--subset", choices=SUBSETS, default="all",
                    help="a group of rows of the suite (default: all)")
     p.add_argument("--rows", default=None,
@@ -174,6 +180,58 @@ def derive(res):
     res["torch_over_fastbn"] = t["torch"]["median"] / fb if "torch" in t else None
 
 
+# --------------------------------------------------------------------------- variants run
+
+def run_variants(rows, ops, threads, repeat, min_sample, progress=None):
+    """Time every variant op with plain batch norm's ops in the same rounds, per (row, thread
+    count); each result carries its ratio to the plain op it is compared with."""
+    results = []
+    for row in rows:
+        d = _impls.RowData(row)
+        for nt in threads:
+            set_num_threads(nt)
+            if progress is not None:
+                progress.step(f"{row.name} t={nt} variants")
+            calls = _impls.make_variant_calls(d, ops)
+            times = {op: summarize(s)
+                     for op, s in time_round_robin(calls, repeat, min_sample).items()}
+            for op in ops:
+                base = VARIANT_OPS[op][0]
+                t = times[op]["median"]
+                results.append({
+                    "row": row.name, "layout": row.layout, "shape": list(row.shape),
+                    "axis": row.axis, "dtype": row.dtype.name, "bytes": row.nbytes, "op": op,
+                    "threads": nt, "baseline": base, "times": {"fastbn": times[op]},
+                    "ratio": None if base is None else t / times[base]["median"]})
+            del calls
+        del d
+        gc.collect()
+    return results
+
+
+def main_variants(args, rows, ops, threads, repeat, sample_ms):
+    """``python -m fastbn bench --suite variants``."""
+    meta = machine.machine_info(None)
+    meta.update(suite="variants", repeat=repeat, sample_ms=sample_ms, threads=threads, ops=ops,
+                impls=["fastbn"], op_descriptions={op: VARIANT_OPS[op][1] for op in ops})
+    print(report.variants_header(meta), flush=True)
+    progress = report.Progress(len(rows) * len(threads), mode=args.progress)
+    try:
+        results = run_variants(rows, ops, threads, repeat, sample_ms / 1e3, progress)
+    finally:
+        progress.close()
+        set_num_threads(None)
+    meta["load_average_end"] = machine._load_average()
+    s = report.variants_summary(results, threads)
+    print(report.format_variants(results, threads))
+    print(report.format_variants_summary(s, threads), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.json_safe({"meta": meta, "results": results, "summary": s}), f,
+                      indent=1)
+    return 0
+
+
 # --------------------------------------------------------------------------- GPU run
 
 def run_gpu(cp, rows, ops, impls, repeat, min_sample, torch, bw, progress=None, out=None):
@@ -242,7 +300,18 @@ def main(argv=None):
     """Run the benchmark; ``argv`` holds the options after ``bench``. Returns the exit code."""
     p = parser()
     args = p.parse_args(argv)
-    net = args.suite != "shapes"
+    variants = args.suite == "variants"
+    if variants:
+        given = [o for o in ("gpu", "impls", "no_torch", "reuse", "torch_thp")
+                 if getattr(args, o) not in (None, False)]
+        if given:
+            p.error(", ".join("--" + o.replace("_", "-") for o in given)
+                    + ": not available with --suite variants (fastbn only, on the CPU)")
+        ops = split(args.ops, "ops", tuple(VARIANT_OPS)) if args.ops else list(VARIANT_OPS)
+        # the plain ops every ratio needs, first, then the asked ones in the table's order
+        need = {"plain-fwd", "plain-bwd"} | set(ops)
+        args.ops = ",".join(op for op in VARIANT_OPS if op in need)
+    net = args.suite == "resnet50"
     if args.gpu:
         given = [o for o in _CPU_ONLY if getattr(args, o) not in (None, False)]
         if given:
@@ -254,7 +323,7 @@ def main(argv=None):
         args.ops = ",".join(RESNET50_OPS if net else OPS)
     if args.impls is None:
         args.impls = "fastbn,torch" if (net or args.gpu) else ",".join(IMPLS)
-    ops = split(args.ops, "ops", tuple(OPS))
+    ops = split(args.ops, "ops", tuple(VARIANT_OPS) if variants else tuple(OPS))
     threads = split(args.threads or "1,2", "threads", conv=int)
     if any(n < 1 for n in threads):
         raise SystemExit(f"--threads: expected positive integers, got {args.threads!r}")
@@ -280,6 +349,8 @@ def main(argv=None):
         raise SystemExit("no rows selected (see --list)")
     if args.gpu:
         return main_gpu(args, rows, ops, impls, repeat, sample_ms)
+    if variants:
+        return main_variants(args, rows, ops, threads, repeat, sample_ms)
 
     torch = _impls.import_torch(args.torch_thp) if "torch" in impls else None
     if torch is None and "torch" in impls:

@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import _kernels
 from ..functional import batch_norm, batch_norm_backward, batch_norm_forward
-from .suites import EPS, MOMENTUM, SEED
+from .suites import EPS, GHOST_BATCH, MOMENTUM, SEED, VARIANT_OPS
 from .timing import cuda_event_clock
 
 IMPLS = ("fastbn", "torch", "numpy")
@@ -215,6 +215,76 @@ def make_calls(d, op, impls, reuse, torch, nthreads):
     src, dst = d.copy_src, d.copy_dst
     calls[PROBE] = lambda: _kernels.stream_copy(src, dst, nthreads)
     return calls
+
+
+# --------------------------------------------------------------------------- variants suite
+
+def variant_axes(row):
+    """The two adjacent feature axes of the several-axes rows: nchw (C, H), nhwc (W, C)."""
+    return (2, 3) if row.layout == "nhwc" else (1, 2)
+
+
+def make_variant_calls(d, ops):
+    """{op: zero-argument callable} of the variants suite on a row's arrays (RowData)."""
+    from .. import functional as F
+
+    rng = np.random.default_rng(SEED + 1)
+    x, dy, w, b, ax = d.x, d.dy, d.w, d.b, d.axis
+    dt, C = d.row.dtype, d.row.channels
+    mean, invstd = d.mean, d.invstd
+    var = (1.0 / invstd**2 - EPS).astype(dt)
+    mean_dt = mean.astype(dt)
+    calls = {}
+    for op in ops:
+        if op not in VARIANT_OPS:
+            raise ValueError(f"unknown variants op {op!r}")
+    if "plain-fwd" in ops:
+        calls["plain-fwd"] = lambda: F.batch_norm_forward(x, w, b, axis=ax, eps=EPS)
+    if "plain-bwd" in ops:
+        calls["plain-bwd"] = lambda: F.batch_norm_backward(dy, x, mean, invstd, w, axis=ax)
+    if "fixed-fwd" in ops:
+        calls["fixed-fwd"] = lambda: F.fixed_batch_norm(x, mean_dt, var, w, b, axis=ax, eps=EPS)
+    if "fixed-bwd" in ops:
+        calls["fixed-bwd"] = lambda: F.fixed_batch_norm_backward(dy, x, mean_dt, var, w,
+                                                                 axis=ax, eps=EPS)
+    if "renorm-fwd" in ops or "renorm-bwd" in ops:
+        rmean = (mean + 0.1 * rng.standard_normal(C)).astype(dt)
+        rstd = (np.sqrt(var) * rng.uniform(0.8, 1.25, C)).astype(dt)
+        bounds = dict(rmax=3.0, rmin=1 / 3, dmax=5.0)
+        _y, rm, ri, r, dd = F.batch_renorm_forward(x, rmean, rstd, w, b, axis=ax, eps=EPS,
+                                                   **bounds)
+        calls["renorm-fwd"] = lambda: F.batch_renorm_forward(x, rmean, rstd, w, b, axis=ax,
+                                                             eps=EPS, **bounds)
+        calls["renorm-bwd"] = lambda: F.batch_renorm_backward(dy, x, rm, ri, r, dd, w, axis=ax)
+    if "ghost-fwd" in ops or "ghost-bwd" in ops:
+        v = GHOST_BATCH
+        _y, gm, gi = F.ghost_batch_norm_forward(x, w, b, virtual_batch_size=v, axis=ax, eps=EPS)
+        calls["ghost-fwd"] = lambda: F.ghost_batch_norm_forward(x, w, b, virtual_batch_size=v,
+                                                                axis=ax, eps=EPS)
+        calls["ghost-bwd"] = lambda: F.ghost_batch_norm_backward(dy, x, gm, gi, w,
+                                                                 virtual_batch_size=v, axis=ax)
+    if "masked-fwd" in ops or "masked-bwd" in ops:
+        mshape = tuple(s for i, s in enumerate(x.shape) if i != d.axis)
+        mask = rng.random(mshape) < 0.8
+        _y, mm, mi = F.batch_norm_forward(x, w, b, axis=ax, eps=EPS, mask=mask)
+        calls["masked-fwd"] = lambda: F.batch_norm_forward(x, w, b, axis=ax, eps=EPS, mask=mask)
+        calls["masked-bwd"] = lambda: F.batch_norm_backward(dy, x, mm, mi, w, axis=ax,
+                                                            mask=mask)
+    if "double-bwd" in ops:
+        ddx = rng.standard_normal(x.shape).astype(dt)
+        ddw = rng.standard_normal(C).astype(dt)
+        ddb = rng.standard_normal(C).astype(dt)
+        calls["double-bwd"] = lambda: F.batch_norm_double_backward(ddx, ddw, ddb, dy, x, mean,
+                                                                   invstd, w, axis=ax)
+    if "axes-fwd" in ops or "axes-bwd" in ops:
+        axes = variant_axes(d.row)
+        fshape = tuple(x.shape[a] for a in axes)
+        aw = rng.uniform(0.5, 1.5, fshape).astype(dt)
+        ab = rng.standard_normal(fshape).astype(dt)
+        _y, am, ai = F.batch_norm_forward(x, aw, ab, axis=axes, eps=EPS)
+        calls["axes-fwd"] = lambda: F.batch_norm_forward(x, aw, ab, axis=axes, eps=EPS)
+        calls["axes-bwd"] = lambda: F.batch_norm_backward(dy, x, am, ai, aw, axis=axes)
+    return {op: calls[op] for op in ops}
 
 
 # --------------------------------------------------------------------------- checks

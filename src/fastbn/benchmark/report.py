@@ -443,6 +443,67 @@ def format_network(ns, results, threads, title):
 
 
 
+# --------------------------------------------------------------------------- variants suite
+
+def variants_header(meta):
+    """The header of ``--suite variants``: the machine, the timing, what each op times."""
+    lines = [
+        "fastbn bench (variants suite): each variant beside plain batch norm's same op "
+        "(training forward or backward), same arrays, interleaved rounds",
+        f"CPU: {meta['cpu']}; kernels' CPU level: {meta['kernels_cpu_level'] or 'n/a'} "
+        f"({meta['logical_cpus']} logical CPUs, {meta.get('usable_cpus')} usable)",
+        f"numpy {meta['numpy']}, python {meta['python']}, fastbn OpenMP "
+        f"{'on' if meta['fastbn_openmp'] else 'OFF'}",
+        f"timing: {meta['repeat']} rounds, samples of >= {meta['sample_ms']} ms, median per "
+        "call; iqr = interquartile range / median; every op of a row takes a turn in each round",
+        "GLIBC_TUNABLES="
+        + (meta["GLIBC_TUNABLES"] or "(unset: fresh multi-MB outputs may page-fault)")
+        + f"; 1-min load average at start: {meta['load_average_start']}",
+        "x/plain = the variant's time / plain batch norm's op of the same row, thread count and "
+        "run; every call allocates its outputs",
+        "ops:",
+    ] + [f"  {op:<11} {text}" for op, text in meta["op_descriptions"].items()]
+    return "\n".join(lines)
+
+
+_VTABLE = "{:<26} {:>7} {:<11} {:>10} {:>5} {:>8}"
+
+
+def format_variants(results, threads):
+    lines = []
+    for nt in threads:
+        lines.append("")
+        lines.append(f"== threads = {nt} ==")
+        lines.append(_VTABLE.format("row", "MB", "op", "time", "iqr", "x/plain"))
+        for r in (r for r in results if r["threads"] == nt):
+            t = r["times"]["fastbn"]
+            lines.append(_VTABLE.format(
+                r["row"], f"{r['bytes'] / MB:.2f}", r["op"], _fmt_time(t["median"]),
+                f"{100 * t['iqr_rel']:.0f}%",
+                "-" if r["ratio"] is None else f"{r['ratio']:.2f}"))
+    return "\n".join(lines)
+
+
+def variants_summary(results, threads):
+    """{threads: {op: geometric mean over the rows of the variant's ratio to plain}}."""
+    out = {}
+    for nt in threads:
+        per = {}
+        for r in results:
+            if r["threads"] == nt and r["ratio"] is not None:
+                per.setdefault(r["op"], []).append(r["ratio"])
+        out[nt] = {op: _geomean(v) for op, v in per.items()}
+    return out
+
+
+def format_variants_summary(s, threads):
+    lines = ["", "== summary: variant time / plain batch norm's, geometric mean over the rows =="]
+    for nt in threads:
+        lines.append(f"threads={nt}: " + ", ".join(f"{op} {v:.2f}x"
+                                                   for op, v in s[nt].items()))
+    return "\n".join(lines)
+
+
 def json_safe(obj):
     """``obj`` with non-finite floats as None (JSON has no NaN or infinity)."""
     if isinstance(obj, float):

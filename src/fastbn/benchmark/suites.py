@@ -135,7 +135,34 @@ def _net_rows(net, layers):
 
 RESNET50_LAYERS = tuple(resnet50_layers())
 RESNET50 = _net_rows("resnet50", RESNET50_LAYERS)
-SUITES = {"shapes": SUITE, "resnet50": RESNET50}
+
+
+# --------------------------------------------------------------------------- variants suite
+# Each variant of fastbn.functional / fastbn.variants timed beside plain batch norm's same op
+# (training forward or backward) on the same arrays, in the same interleaved rounds.
+
+VARIANTS = (Row("nchw", (32, 64, 56, 56)), Row("nhwc", _nhwc(32, 64, 56, 56)),
+            Row("nchw", (16, 512, 7, 7)))
+GHOST_BATCH = 8  # virtual_batch_size of the ghost rows
+# op: (the plain op it is compared with, what it times)
+VARIANT_OPS = {
+    "plain-fwd": (None, "batch_norm_forward (training, batch statistics)"),
+    "plain-bwd": (None, "batch_norm_backward (training)"),
+    "fixed-fwd": ("plain-fwd", "fixed_batch_norm (given mean/var)"),
+    "fixed-bwd": ("plain-bwd", "fixed_batch_norm_backward (dx, dmean, dvar, dweight, dbias)"),
+    "renorm-fwd": ("plain-fwd", "batch_renorm_forward (rmax 3, rmin 1/3, dmax 5)"),
+    "renorm-bwd": ("plain-bwd", "batch_renorm_backward"),
+    "ghost-fwd": ("plain-fwd", f"ghost_batch_norm_forward (virtual_batch_size {GHOST_BATCH})"),
+    "ghost-bwd": ("plain-bwd", f"ghost_batch_norm_backward (virtual_batch_size {GHOST_BATCH})"),
+    "masked-fwd": ("plain-fwd", "batch_norm_forward(mask=...) (random boolean mask, p=0.8)"),
+    "masked-bwd": ("plain-bwd", "batch_norm_backward(mask=...)"),
+    "double-bwd": ("plain-bwd", "batch_norm_double_backward (ddx, ddweight, ddbias given)"),
+    "axes-fwd": ("plain-fwd", "batch_norm_forward over two feature axes (nchw (1, 2), "
+                              "nhwc (2, 3))"),
+    "axes-bwd": ("plain-bwd", "batch_norm_backward over the same two feature axes"),
+}
+
+SUITES = {"shapes": SUITE, "resnet50": RESNET50, "variants": VARIANTS}
 
 
 def select_rows(subset="all", patterns=None, suite="shapes"):
