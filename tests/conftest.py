@@ -51,3 +51,15 @@ def subprocess_env(**extra):
     env = dict(os.environ, **extra)
     env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     return env
+
+
+def numerical_gradient(loss, args, k, h):
+    """Central differences of the scalar loss(*args) with respect to args[k] (step h)."""
+    num = np.zeros_like(args[k])
+    for i in np.ndindex(args[k].shape):
+        hi = [a.copy() for a in args]
+        lo = [a.copy() for a in args]
+        hi[k][i] += h
+        lo[k][i] -= h
+        num[i] = (loss(*hi) - loss(*lo)) / (2 * h)
+    return num

@@ -4,6 +4,8 @@ import pytest
 
 from fastbn.functional import batch_norm_double_backward
 
+from conftest import numerical_gradient
+
 
 def first_backward(dy, x, w, eps, training, mean=None, var=None):
     """Independent float64 first backward (N, C, L), statistics from x when training."""
@@ -49,13 +51,7 @@ def test_matches_finite_differences_of_the_first_backward(training):
 
     args = [dy, x, w]
     for k, got in enumerate([ddy, dx, dweight]):
-        num = np.zeros_like(args[k])
-        for i in np.ndindex(args[k].shape):
-            hi = [a.copy() for a in args]
-            lo = [a.copy() for a in args]
-            hi[k][i] += 1e-5
-            lo[k][i] -= 1e-5
-            num[i] = (loss(*hi) - loss(*lo)) / 2e-5
+        num = numerical_gradient(loss, args, k, 1e-5)
         np.testing.assert_allclose(got, num, rtol=1e-6, atol=1e-7, err_msg=f"argument {k}")
 
 

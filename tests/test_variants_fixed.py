@@ -4,6 +4,8 @@ import pytest
 
 from fastbn.functional import fixed_batch_norm, fixed_batch_norm_backward
 
+from conftest import numerical_gradient
+
 
 def ref(x, mean, var, w, b, eps, axis=1):
     """Independent float64 forward."""
@@ -36,13 +38,7 @@ def test_backward_matches_finite_differences():
     loss = lambda x, m, v, w, b: float((ref(x, m, v, w, b, eps) * dy).sum())  # noqa: E731
     args = [x, m, v, w, b]
     for k, got in enumerate([dx, dm, dv, dw, db]):
-        num = np.zeros_like(args[k])
-        for i in np.ndindex(args[k].shape):
-            hi = [a.copy() for a in args]
-            lo = [a.copy() for a in args]
-            hi[k][i] += 1e-6
-            lo[k][i] -= 1e-6
-            num[i] = (loss(*hi) - loss(*lo)) / 2e-6
+        num = numerical_gradient(loss, args, k, 1e-6)
         np.testing.assert_allclose(got, num, rtol=1e-6, atol=1e-7, err_msg=f"argument {k}")
 
 

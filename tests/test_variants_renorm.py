@@ -5,6 +5,8 @@ import pytest
 import fastbn
 from fastbn.functional import batch_renorm_backward, batch_renorm_forward
 
+from conftest import numerical_gradient
+
 
 def ref_forward(x, rmean, rstd, w, b, eps, rmax=None, rmin=None, dmax=None, r=None, d=None):
     """Independent float64 reference (NCL layout), Keras's formulas; r, d given: held fixed."""
@@ -52,13 +54,7 @@ def test_backward_is_the_gradient_with_r_d_constant():
     loss = lambda x, w, b: float((ref_forward(x, rm, rs, w, b, eps, r=r, d=d)[0] * dy).sum())  # noqa: E731,E501
     args = [x, w, b]
     for k, got in enumerate([dx, dw, db]):
-        num = np.zeros_like(args[k])
-        for i in np.ndindex(args[k].shape):
-            hi = [a.copy() for a in args]
-            lo = [a.copy() for a in args]
-            hi[k][i] += 1e-6
-            lo[k][i] -= 1e-6
-            num[i] = (loss(*hi) - loss(*lo)) / 2e-6
+        num = numerical_gradient(loss, args, k, 1e-6)
         np.testing.assert_allclose(got, num, rtol=1e-6, atol=1e-7)
 
 
