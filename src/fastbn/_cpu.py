@@ -11,6 +11,7 @@ optional); ``chan`` makes them what the kernels read. Statistics and sums come b
 import numpy as np
 
 from . import _kernels
+from ._layout import update_running_arrays
 from ._threads import get_num_threads
 
 name = "numpy"
@@ -131,10 +132,5 @@ def update_running(running_mean, running_var, mean, var, count, momentum):
         _kernels.update_running(running_mean, running_var, _f64(mean), _f64(var), count,
                                 momentum)
         return
-    unbiased = np.asarray(var, np.float64) * (count / (count - 1) if count > 1 else 1.0)
-    new = [None if run is None else
-           (1.0 - momentum) * run.astype(np.float64) + momentum * np.asarray(batch, np.float64)
-           for run, batch in ((running_mean, mean), (running_var, unbiased))]
-    for run, value in zip((running_mean, running_var), new):
-        if run is not None:
-            run[...] = value
+    update_running_arrays(running_mean, running_var, np.asarray(mean), np.asarray(var), count,
+                          momentum)

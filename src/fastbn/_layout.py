@@ -8,7 +8,8 @@ broadcast views) is copied once into C order. ``Output`` allocates results in x'
 so ``y.strides`` follow ``x.strides``, and writes into a caller's ``out=`` directly when that is
 safe, or through a temporary.
 
-Both work for NumPy and CuPy arrays alike: they only use what the two modules share.
+Both work for NumPy and CuPy arrays alike: they only use what the two modules share; so does
+``update_running_arrays``, the running-statistics formula both backends fall back on.
 """
 import math
 
@@ -72,6 +73,19 @@ class Layout:
         """A canonical (O, C, I) array viewed with x's shape and axis order."""
         t = t3.reshape(self.shape)
         return t if self.perm is None else t.transpose(self.inv)
+
+
+def update_running_arrays(running_mean, running_var, mean, var, count, momentum):
+    """PyTorch's running-statistics update with array arithmetic (NumPy or CuPy): both new
+    values are formed in float64 before either buffer is written, then rounded into it. The
+    backends use it for buffers their kernels cannot write (and the CUDA backend for all)."""
+    unbiased = var.astype(np.float64) * (count / (count - 1) if count > 1 else 1.0)
+    new = [None if run is None else
+           (1.0 - momentum) * run.astype(np.float64) + momentum * batch.astype(np.float64)
+           for run, batch in ((running_mean, mean), (running_var, unbiased))]
+    for run, value in zip((running_mean, running_var), new):
+        if run is not None:
+            run[...] = value
 
 
 class Output:

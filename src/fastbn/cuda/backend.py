@@ -16,6 +16,7 @@ at every call rather than bound once, so that tests can substitute an emulated m
 import numpy as np
 
 from .. import _validation
+from .._layout import update_running_arrays
 from . import kernels as _k
 
 name = "cupy"
@@ -254,9 +255,4 @@ def backward(dy3, x3, y3, dx3, mean, invstd, weight, training):
 
 def update_running(running_mean, running_var, mean, var, count, momentum):
     """PyTorch's update in place (validated arguments), both new values formed before writing."""
-    unbiased = var * (count / (count - 1) if count > 1 else 1.0)
-    new = [None if run is None else (1.0 - momentum) * run.astype(np.float64) + momentum * batch
-           for run, batch in ((running_mean, mean), (running_var, unbiased))]
-    for run, value in zip((running_mean, running_var), new):
-        if run is not None:
-            run[...] = value
+    update_running_arrays(running_mean, running_var, mean, var, count, momentum)
