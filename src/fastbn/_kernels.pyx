@@ -1779,6 +1779,11 @@ def batch_norm_backward_fast(dy, x, mean, invstd, weight, axis, bint training, a
     return dx, dw, db
 
 
+cdef inline Py_ssize_t _probe_share(Py_ssize_t n, int nt) noexcept nogil:
+    # one thread's contiguous share of an n-byte bandwidth probe: equal, a multiple of 64 bytes
+    return (((n + nt - 1) // nt) + 63) & ~(<Py_ssize_t>63)
+
+
 def stream_copy(src, dst, int nthreads):
     """dst[:] = src[:] with the kernels' threads: the bandwidth probe of `fastbn bench`.
 
@@ -1805,7 +1810,7 @@ def stream_copy(src, dst, int nthreads):
     sp = <const unsigned char *>cnp.PyArray_DATA(<cnp.ndarray>src)
     dp = <unsigned char *>cnp.PyArray_DATA(<cnp.ndarray>dst)
     nt = _nthreads(_clamp_threads(nthreads), n // 4)
-    share = (((n + nt - 1) // nt) + 63) & ~(<Py_ssize_t>63)
+    share = _probe_share(n, nt)
     with nogil:
         for t in prange(nt, schedule='static', num_threads=nt, use_threads_if=nt > 1):
             off = t * share
@@ -1835,7 +1840,7 @@ def stream_read(src, int nthreads):
         return 0
     sp = <const unsigned char *>cnp.PyArray_DATA(<cnp.ndarray>src)
     nt = _nthreads(_clamp_threads(nthreads), n // 4)
-    share = (((n + nt - 1) // nt) + 63) & ~(<Py_ssize_t>63)
+    share = _probe_share(n, nt)
     with nogil:
         for t in prange(nt, schedule='static', num_threads=nt, use_threads_if=nt > 1):
             off = t * share
