@@ -82,7 +82,7 @@ def test_numpy_path_refuses_a_foreign_device_x():
 # verbs; the CUDA verbs themselves run in tests/test_cuda_compile.py (host emulation) and tests/gpu.
 
 _VERBS = ["stats", "forward_train", "normalize", "normalize_running", "backward_sums",
-          "backward_dx", "backward", "update_running", "invstd", "zeros", "chan",
+          "backward_dx", "backward", "affine", "update_running", "invstd", "zeros", "chan",
           "compute_dtype", "kernel_writable", "same_view"]
 
 

@@ -113,3 +113,95 @@ def test_bad_arguments_named(kw, exc, name):
     with pytest.raises(exc, match=name):
         batch_norm_double_backward(args["ddx"], args["ddweight"], args["ddbias"], dy, x, mean,
                                    invstd, w, training=training)
+
+
+def _reference(ddx, ddw, ddb, dy, x, w, training, eps=1e-5):
+    """The float64 result on (N, C, L) arrays (the kernels' results are compared against it)."""
+    mean, invstd, _ = stats(x, eps)
+    return mean, invstd, batch_norm_double_backward(ddx, ddw, ddb, dy, x, mean, invstd, w,
+                                                    training=training)
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 37), (64, 9, 1), (3, 130, 2), (2, 3, 1000)])
+@pytest.mark.parametrize("training", [True, False])
+def test_float32_kernels_match_float64_over_vector_tails(shape, training):
+    """Odd extents exercise the kernels' vector tails and both walk orders (I = 1: rows)."""
+    x, dy, w, ddx, ddw, ddb = case(3, shape)
+    mean, invstd, ref = _reference(ddx, ddw, ddb, dy, x, w, training)
+    f = lambda a: a.astype(np.float32)  # noqa: E731
+    got = batch_norm_double_backward(f(ddx), ddw, ddb, f(dy), f(x), mean, invstd, w,
+                                     training=training)
+    for name, a, b in zip(("ddy", "dx", "dweight"), got, ref):
+        assert a.dtype == np.float32
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5 * np.abs(b).max(), err_msg=name)
+
+
+def test_float64_matches_torch_on_a_larger_batch():
+    """The kernels' float64 path against PyTorch beyond the tiny cases above (N*L = 294)."""
+    torch = pytest.importorskip("torch")
+    x, dy, w, ddx, ddw, ddb = case(4, (6, 5, 49))
+    xt, dyt = torch.tensor(x, requires_grad=True), torch.tensor(dy, requires_grad=True)
+    wt = torch.tensor(w, requires_grad=True)
+    y = torch.nn.functional.batch_norm(xt, None, None, wt, torch.zeros(5, dtype=torch.float64),
+                                       training=True, eps=1e-5)
+    gx, gw = torch.autograd.grad(y, (xt, wt), dyt, create_graph=True)
+    total = ((gx * torch.tensor(ddx)).sum() + (gw * torch.tensor(ddw)).sum()
+             + (dyt.sum(dim=(0, 2)) * torch.tensor(ddb)).sum())
+    theirs = torch.autograd.grad(total, (dyt, xt, wt))
+    mean, invstd, ours = _reference(ddx, ddw, ddb, dy, x, w, True)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b.detach().numpy(), rtol=1e-9, atol=1e-10)
+
+
+def test_inputs_in_different_layouts_and_byte_orders():
+    """dy Fortran-ordered, ddx a channels-last-strided view, x big-endian: one answer."""
+    x, dy, w, ddx, ddw, ddb = case(5, (4, 6, 10))
+    mean, invstd, ref = _reference(ddx, ddw, ddb, dy, x, w, True)
+    cl = np.ascontiguousarray(np.moveaxis(ddx, 1, -1))
+    got = batch_norm_double_backward(np.moveaxis(cl, -1, 1), ddw, ddb, np.asfortranarray(dy),
+                                     x.astype(">f8"), mean, invstd, w)
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_float16_is_computed_in_float32():
+    x, dy, w, ddx, ddw, ddb = case(6, (4, 3, 9))
+    h = lambda a: a.astype(np.float16)  # noqa: E731
+    x, dy, ddx = h(x), h(dy), h(ddx)
+    up = lambda a: a.astype(np.float64)  # noqa: E731
+    mean, invstd, ref = _reference(up(ddx), ddw, ddb, up(dy), up(x), w, True)
+    ddy, dx, dweight = batch_norm_double_backward(ddx, ddw, ddb, dy, x, mean, invstd, w)
+    assert (ddy.dtype, dx.dtype, dweight.dtype) == (np.float16, np.float16, np.float32)
+    for a, b in zip((ddy, dx, dweight), ref):
+        np.testing.assert_allclose(up(a), b, rtol=3e-3, atol=3e-3 * np.abs(b).max())
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    import fastbn
+    x, dy, w, ddx, ddw, ddb = (a.astype(np.float32) if a.ndim == 3 else a
+                               for a in case(7, (8, 33, 300)))
+    mean, invstd, _ = stats(x.astype(np.float64), 1e-5)
+    try:
+        fastbn.set_num_threads(1)
+        one = batch_norm_double_backward(ddx, ddw, ddb, dy, x, mean, invstd, w)
+        fastbn.set_num_threads(2)
+        two = batch_norm_double_backward(ddx, ddw, ddb, dy, x, mean, invstd, w)
+    finally:
+        fastbn.set_num_threads(None)
+    for a, b in zip(one, two):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch_gives_zero_gradients(training):
+    """No values (as the first backward allows, following PyTorch): zeros of the right shapes."""
+    z = np.zeros((0, 3, 4))
+    ddy, dx, dweight = batch_norm_double_backward(z, None, None, z, z, np.zeros(3), np.ones(3),
+                                                  training=training)
+    assert ddy.shape == dx.shape == z.shape and np.array_equal(dweight, np.zeros(3))
+
+
+def test_one_value_per_channel_is_refused_when_training():
+    one = np.ones((1, 3, 1))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        batch_norm_double_backward(one, None, None, one, one, np.zeros(3), np.ones(3))

@@ -111,6 +111,12 @@ def backward_dx(dy3, x3, y3, dx3, mean, invstd, weight, sum_dy, sum_dy_xmu, coun
                          chan(sum_dy), chan(sum_dy_xmu), count, training, get_num_threads())
 
 
+def affine(a3, b3, out3, a, k, m, c):
+    """out3 = a*a3 - k*(b3 - m) + c per channel (out3 may be a3), in a3's dtype: one pass."""
+    O, C, I = a3.shape
+    _kernels.affine(a3, b3, out3, O, C, I, chan(a), chan(k), chan(m), chan(c),
+                    get_num_threads())
+
 def backward(dy3, x3, y3, dx3, mean, invstd, weight, training):
     """dx3 of this batch; returns (dweight, dbias) in x3's dtype."""
     O, C, I = x3.shape

@@ -1562,6 +1562,38 @@ cpdef backward(dy, x, y, dx, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, mean, inv
         free(scratch)
 
 
+def affine(a_in, b_in, out, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, a, k, m, c, int nthreads):
+    """out = a*A - k*(B - m) + c per channel: the dx loop's form, for the double backward's
+    elementwise passes (an x-sized result linear in two x-sized inputs).
+
+    IN A (a_in), B (b_in), a, k, m, c (C each, float32/float64); OUT out (may be A).
+    """
+    cdef Py_ssize_t n = _extent(O, C, I)
+    cdef int t = _typenum(a_in, "a_in")
+    cdef const void *ap = _data(a_in, t, n, "a_in")
+    cdef const void *bp = _data(b_in, t, n, "b_in")
+    cdef void *op = _out(out, t, n, "out")
+    cdef int rc
+    cdef Ctx ctx = _ctx(t == cnp.NPY_FLOAT32, bp, op, O, C, I)
+    cdef double *scratch = _scratch(4, C)
+    try:
+        ctx.a = _chan(a, C, "a", scratch + 0 * C, False)
+        ctx.k = _chan(k, C, "k", scratch + 1 * C, False)
+        ctx.mean = _chan(m, C, "m", scratch + 2 * C, False)
+        ctx.c = _chan(c, C, "c", scratch + 3 * C, False)
+        if n == 0:
+            return
+        ctx.dy = ap
+        ctx.y = NULL
+        nthreads = _clamp_threads(nthreads)
+        with nogil:
+            rc = _bwd_dx(&ctx, nthreads)
+        if rc:
+            _oom()
+    finally:
+        free(scratch)
+
+
 # --------------------------------------------------------------------------- fast paths
 # fastbn.functional offers its most common calls here first: C-contiguous float32/float64
 # ndarrays, per-channel arguments that are exact 1-D ndarrays (or None), and plain int / float /

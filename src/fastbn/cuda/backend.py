@@ -243,6 +243,19 @@ def backward_dx(dy3, x3, y3, dx3, mean, invstd, weight, sum_dy, sum_dy_xmu, coun
     _run_dx(cp, dy3, x3, y3, dx3, coefs, training)
 
 
+def affine(a3, b3, out3, a, k, m, c):
+    """out3 = a*a3 - k*(b3 - m) + c per channel (out3 may be a3): CuPy array arithmetic, the
+    per-channel coefficients in the compute dtype as the kernels' lanes hold them."""
+    cp = _cupy()
+    C = a3.shape[1]
+    ct = a3.dtype
+
+    def col(v):
+        return cp.asarray(v, dtype=cp.float64).astype(ct).reshape(1, C, 1)
+
+    res = col(a) * a3 - col(k) * (b3 - col(m)) + col(c)
+    out3[...] = res
+
 def backward(dy3, x3, y3, dx3, mean, invstd, weight, training):
     cp = _cupy()
     O, _C, I = x3.shape
