@@ -88,6 +88,8 @@ def _specs():
         "backward": [("dy", "x"), ("x", "x"), ("y", "xopt"), ("dx", "xout"), "O", "C", "I",
                      ("mean", "chan"), ("invstd", "chan"), ("weight", "chanopt"), True,
                      ("sums", "out2"), 1],
+        "affine": [("a_in", "x"), ("b_in", "x"), ("out", "xout"), "O", "C", "I", ("a", "chan"),
+                   ("k", "chan"), ("m", "chan"), ("c", "chan"), 1],
     }
 
 
@@ -357,7 +359,7 @@ def _assert(cond, msg="assertion failed"):
 GROUPS = {
     "stats": ["channel_stats", "forward_train"],
     "normalize": ["normalize", "normalize_running", "update_running"],
-    "backward": ["backward_sums", "backward_dx", "backward"],
+    "backward": ["backward_sums", "backward_dx", "backward", "affine"],
     "fast": ["fast"],
 }
 
