@@ -494,3 +494,65 @@ def test_state_dict_prefixed_keys():
     sd["1.running_mean"][:] = 3.0
     model.load_state_dict(ft.state_dict_to_torch(sd))
     assert (model[1].running_mean == 3).all()
+
+
+# --------------------------------------------------------------------------- double backward
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("path", ["function", "op"])
+def test_double_backward_gradgradcheck(path, training, affine):
+    """torch's own finite-difference check of the second derivatives (float64)."""
+    g = torch.Generator().manual_seed(1)
+    d = torch.float64
+    x = torch.randn(3, 4, 5, generator=g, dtype=d, requires_grad=True)
+    w = torch.randn(4, generator=g, dtype=d, requires_grad=True) if affine else None
+    b = torch.randn(4, generator=g, dtype=d, requires_grad=True) if affine else None
+    rm = torch.randn(4, generator=g, dtype=d)
+    rv = torch.rand(4, generator=g, dtype=d) + 0.5
+
+    def f(x, *wb):
+        w, b = wb if wb else (None, None)
+        if path == "function":
+            return ft.BatchNormFunction.apply(x, rm.clone(), rv.clone(), w, b, training, 0.1,
+                                              1e-3)
+        return ft.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-3)
+
+    inputs = (x, w, b) if affine else (x,)
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_double_backward_gradient_penalty_matches_torch(mode, memory_format):
+    """A WGAN-GP-style penalty |d loss / d x|^2 through BatchNorm2d: its gradients with
+    respect to x and the module's weight and bias, fastbn against torch, float64."""
+    d = torch.float64
+    ref, fast = _pair(nn.BatchNorm2d, ft.BatchNorm2d, 3, d)
+    ref.train(mode == "train")
+    fast.train(mode == "train")
+    x0 = torch.randn(4, 3, 5, 6, dtype=d).contiguous(memory_format=memory_format)
+    target = torch.randn(4, 3, 5, 6, dtype=d)
+    grads = []
+    with _counting_fastbn_calls() as calls:
+        for m in (ref, fast):
+            x = x0.clone().requires_grad_(True)
+            loss = ((m(x) - target) ** 3).sum()
+            (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+            penalty = (gx ** 2).sum()
+            grads.append(torch.autograd.grad(penalty, (x, m.weight, m.bias)))
+    assert len(calls) == 1
+    for a, b, name in zip(grads[0], grads[1], ("x", "weight", "bias")):
+        _close(b, a, d, what=name)
+
+
+def test_double_backward_compiles_as_custom_ops():
+    """The new op has a fake implementation: torch.library's own consistency checks pass."""
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    args = (torch.randn_like(x), torch.randn(4, dtype=torch.float64), None, torch.randn_like(x),
+            x, x.mean(dim=(0, 2), dtype=torch.float64),
+            1 / (x.var(dim=(0, 2), unbiased=False) + 1e-5).sqrt(),
+            torch.rand(4, dtype=torch.float64) + 0.5, True)
+    torch.library.opcheck(torch.ops.fastbn.batch_norm_double_backward.default, args,
+                          test_utils=("test_schema", "test_faketensor"))

@@ -24,7 +24,11 @@ The modules and ``batch_norm`` go through three ``torch.library`` custom ops, ea
   normalises with the running statistics. Its autograd is registered
   (``torch.library.register_autograd``) and calls the next op.
 - ``fastbn::batch_norm_backward(dy, x, mean, invstd, weight?, training) -> (dx, dweight,
-  dbias)``: not differentiable itself (no double backward).
+  dbias)``: differentiable in turn (``create_graph=True``: gradient penalties, Hessian-vector
+  products), its autograd calling
+- ``fastbn::batch_norm_double_backward(ddx?, ddweight?, ddbias?, dy, x, mean, invstd, weight?,
+  training) -> (ddy, dx, dweight)``: ``fastbn.functional.batch_norm_double_backward``; in
+  training the statistics are differentiated as functions of x. Not differentiable itself.
 - ``fastbn::update_running_stats_(running_mean!, running_var!, mean, var, count, momentum?,
   num_batches_tracked?) -> ()``: the in-place running-statistics update, declared with
   ``mutates_args=("running_mean", "running_var")`` so that functionalization (torch.compile,
@@ -146,6 +150,44 @@ def _(dy, x, mean, invstd, weight, training):
     return torch.empty_like(x), x.new_empty((C,), dtype=g), x.new_empty((C,), dtype=g)
 
 
+@torch.library.custom_op("fastbn::batch_norm_double_backward", mutates_args=(),
+                         device_types="cpu")
+def _op_double_backward(ddx: torch.Tensor | None, ddweight: torch.Tensor | None,
+                        ddbias: torch.Tensor | None, dy: torch.Tensor, x: torch.Tensor,
+                        mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor | None,
+                        training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ddy, dx, dw = _F.batch_norm_double_backward(ddx, ddweight, ddbias, dy, x, mean, invstd,
+                                                weight, axis=1, training=training)
+    return _like_input(ddy, x), _like_input(dx, x), torch.from_numpy(dw)
+
+
+@_op_double_backward.register_fake
+def _(ddx, ddweight, ddbias, dy, x, mean, invstd, weight, training):
+    return (torch.empty_like(x), torch.empty_like(x),
+            x.new_empty((x.shape[1],), dtype=_grad_dtype(x)))
+
+
+def _backward_setup_context(ctx, inputs, output):
+    dy, x, mean, invstd, weight, training = inputs
+    ctx.save_for_backward(dy, x, mean, invstd, weight)
+    ctx.training = training
+
+
+def _backward_autograd(ctx, ddx, ddweight, ddbias):
+    dy, x, mean, invstd, weight = ctx.saved_tensors
+    need_dy, need_x, _nm, _ni, need_w = ctx.needs_input_grad[:5]
+    if not (need_dy or need_x or need_w):
+        return (None,) * 6
+    ddy, dx, dweight = torch.ops.fastbn.batch_norm_double_backward(
+        ddx, ddweight, ddbias, dy, x, mean, invstd, weight, ctx.training)
+    return (ddy if need_dy else None, dx if need_x else None, None, None,
+            dweight.to(weight.dtype) if need_w and weight is not None else None, None)
+
+
+_op_batch_norm_backward.register_autograd(_backward_autograd,
+                                          setup_context=_backward_setup_context)
+
+
 @torch.library.custom_op("fastbn::update_running_stats_",
                          mutates_args=("running_mean", "running_var"), device_types="cpu")
 def _op_update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor,
@@ -265,7 +307,10 @@ class BatchNormFunction(torch.autograd.Function):
         need_x, _nrm, _nrv, need_w, need_b = ctx.needs_input_grad[:5]
         if not (need_x or need_w or need_b):
             return (None,) * 8
-        dx, dw, db = _backward(dy, x, mean, invstd, weight, ctx.training)
+        # Through the custom op, whose autograd makes this backward differentiable in turn
+        # (create_graph=True).
+        dx, dw, db = torch.ops.fastbn.batch_norm_backward(dy, x, mean, invstd, weight,
+                                                          ctx.training)
         return (dx if need_x else None, None, None,
                 dw.to(weight.dtype) if need_w else None,
                 db.to(weight.dtype if weight is not None else db.dtype) if need_b else None,
