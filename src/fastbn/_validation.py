@@ -110,6 +110,10 @@ def layer_axis(value, features):
         if len(set(axes)) != len(axes):
             raise ValueError(f"axis: expected distinct feature axes, got {axes}")
         return axes
+    if isinstance(value, (tuple, list)):
+        raise TypeError(f"axis: expected an int for num_features={features!r} (several "
+                        f"feature axes take num_features as a tuple of their sizes, e.g. "
+                        f"BatchNorm((C, H), axis=(1, 2))), got {value!r}")
     return integer(value, "axis")
 
 
