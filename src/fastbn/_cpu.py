@@ -13,6 +13,7 @@ import numpy as np
 from . import _kernels
 from ._layout import update_running_arrays
 from ._threads import get_num_threads
+from ._validation import is_half
 
 name = "numpy"
 xp = np
@@ -21,8 +22,8 @@ _F64 = np.dtype(np.float64)
 
 
 def compute_dtype(dtype):
-    """The dtype the kernels compute x in: float16 is computed in float32."""
-    return _F32 if dtype.char == "e" else dtype
+    """The dtype the kernels compute x in: float16 and bfloat16 are computed in float32."""
+    return _F32 if is_half(dtype) else dtype
 
 
 def kernel_ready(a):
@@ -132,7 +133,8 @@ def update_running(running_mean, running_var, mean, var, count, momentum):
     """PyTorch's update in place, every argument validated (count >= 1, momentum in [0, 1]).
 
     Buffers the kernels can write are updated there (in double, rounded once); others (float16,
-    strided, another byte order) by NumPy, computing both new values before writing either.
+    bfloat16, strided, another byte order) by NumPy, computing both new values before writing
+    either.
     """
     if all(r is None or kernel_ready(r) for r in (running_mean, running_var)):
         _kernels.update_running(running_mean, running_var, _f64(mean), _f64(var), count,

@@ -23,9 +23,27 @@ import numpy as np
 from ._backend import is_cupy_array
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+FLOAT_NAMES = "float16, bfloat16, float32 or float64"
 PARAM_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 MIXED = "(pass every array argument from the same array module)"
 _DEVICES = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu"}
+
+
+def is_bfloat16(dt):
+    """ml_dtypes.bfloat16, recognised without importing ml_dtypes (it stays optional).
+
+    NumPy sees it as a 2-byte void-kind dtype (``kind == 'V'``) named 'bfloat16' whose scalar
+    type lives in ml_dtypes; ml_dtypes registers its casts to and from float32/float64, which
+    is all fastbn uses. Any other 'V' dtype (raw void, structured, a bfloat16 in foreign byte
+    order, which NumPy turns into plain 'V2') is not floating and stays refused.
+    """
+    return (dt.kind == "V" and dt.itemsize == 2 and dt.name == "bfloat16" and dt.isnative
+            and getattr(dt.type, "__module__", "").split(".", 1)[0] == "ml_dtypes")
+
+
+def is_half(dt):
+    """float16 or bfloat16: the 2-byte floats fastbn reads and writes but computes in float32."""
+    return dt.char == "e" or is_bfloat16(dt)
 
 
 def _kind(value):
@@ -152,8 +170,8 @@ def param_dtype(dtype):
         raise TypeError(f"dtype: expected float32 or float64, got {dtype!r}") from None
     if dt not in PARAM_DTYPES:
         hint = (
-            " (for float16 inputs keep float32 parameters: the layer computes them in float32 "
-            "and returns float16)" if dt == np.float16 else ""
+            f" (for {dt} inputs keep float32 parameters: the layer computes them in float32 "
+            f"and returns {dt})" if is_half(dt) else ""
         )
         raise TypeError(f"dtype: expected float32 or float64, got {dt}{hint}")
     return dt
@@ -341,6 +359,21 @@ def _torch_readable(a, name):
     return a
 
 
+def _torch_bfloat16(a, name):
+    """A torch.bfloat16 CPU tensor as an ml_dtypes.bfloat16 NumPy view of its memory (NumPy
+    has no bfloat16 of its own, and torch's __array__ and DLPack refuse it)."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise TypeError(
+            f"{name}: expected a tensor NumPy can read, got a torch.bfloat16 tensor (reading "
+            "bfloat16 needs ml_dtypes: pip install ml_dtypes, or convert with .float())"
+        ) from None
+    import torch
+
+    return a.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+
+
 def numpy_array(a, name):
     """An array-like as a native-order, aligned NumPy ndarray (a view when possible)."""
     if type(a) is not np.ndarray:
@@ -355,6 +388,8 @@ def numpy_array(a, name):
             raise TypeError(f"{name}: expected a NumPy array, got {_kind(a)} {MIXED}")
         if type(a).__module__.split(".", 1)[0] == "torch":
             a = _torch_readable(a, name)
+            if str(getattr(a, "dtype", "")) == "torch.bfloat16":
+                a = _torch_bfloat16(a, name)
         if isinstance(a, np.ndarray):  # a subclass (np.matrix, memmap, ...): its data as is
             a = a.view(np.ndarray)
         else:
@@ -391,6 +426,14 @@ def cupy_array(cp, a, name):
         ) from None
 
 
+def cuda_dtype(a, name):
+    """The CUDA kernels read float16, float32 and float64: bfloat16 is CPU-only."""
+    if is_bfloat16(a.dtype):
+        raise TypeError(f"{name}: expected a float16, float32 or float64 CuPy array (bfloat16 "
+                        "runs on the CPU path only), got dtype bfloat16")
+    return a
+
+
 def writable(a, name, module):
     """An array fastbn writes into: an ndarray of `module` (numpy or cupy), writable, no mask."""
     if module is np:
@@ -412,10 +455,11 @@ def writable(a, name, module):
 
 def floating(a, name):
     # byte order aside: arrays fastbn writes are checked as given, never converted
-    if a.dtype not in FLOAT_DTYPES and a.dtype.newbyteorder("=") not in FLOAT_DTYPES:
+    dt = a.dtype
+    if dt not in FLOAT_DTYPES and dt.newbyteorder("=") not in FLOAT_DTYPES \
+            and not is_bfloat16(dt):
         raise TypeError(
-            f"{name}: expected a floating-point array (float16, float32 or float64), "
-            f"got dtype {a.dtype}"
+            f"{name}: expected a floating-point array ({FLOAT_NAMES}), got dtype {dt}"
         )
     return a
 
@@ -526,7 +570,7 @@ def same_device(a, name, ref, what):
 def assigned_channel(a, name, C):
     """A value assigned to a layer's per-feature array: real (integers too), shape (C,), or
     num_features itself when that is a tuple (several feature axes)."""
-    if a.dtype.kind not in "fiu":
+    if a.dtype.kind not in "fiu" and not is_bfloat16(a.dtype):
         raise TypeError(f"{name}: expected a real (floating-point) array, got dtype {a.dtype}")
     shape = C if isinstance(C, tuple) else (C,)
     if a.shape != shape:
@@ -564,9 +608,9 @@ def layer_input(x, dtype, num_features, ax):
     """x for a BatchNorm of `dtype` and `num_features` features on axis `ax` (x converted)."""
     if x.dtype.kind != "f":
         floating(x, "x")
-    if x.dtype != dtype and x.dtype != np.float16:
+    if x.dtype != dtype and not is_half(x.dtype):
         raise TypeError(
-            f"x: expected dtype {dtype} (the layer's dtype) or float16, got {x.dtype} "
+            f"x: expected dtype {dtype} (the layer's dtype), float16 or bfloat16, got {x.dtype} "
             f"(convert x, or create the layer with dtype={x.dtype})"
         )
     batch(x)

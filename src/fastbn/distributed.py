@@ -151,6 +151,13 @@ _HEADER_LEN = len(_FIELDS) + _MSG_WORDS
 _DTYPE_CODES = {np.dtype(np.float16): 16, np.dtype(np.float32): 32, np.dtype(np.float64): 64}
 
 
+def _dtype_code(dtype):
+    # bfloat16 (ml_dtypes) is a 'V' dtype NumPy cannot key on without ml_dtypes: by name
+    if dtype is not None and _validation.is_bfloat16(np.dtype(dtype)):
+        return 116
+    return _DTYPE_CODES.get(dtype, 0)
+
+
 def _float_bits(v):
     # Exact comparison of float options: their bit patterns (None -> NaN's pattern).
     return int(np.float64(np.nan if v is None else v).view(np.int64))
@@ -159,7 +166,7 @@ def _float_bits(v):
 def _header(op, layer, call, *, C=0, dtype=None, ndim=0, axis=0, flags=0, eps=0.0,
             momentum=0.0, message=""):
     h = np.zeros(_HEADER_LEN, dtype=np.int64)
-    h[:len(_FIELDS)] = [_MAGIC, op, layer, call, C, _DTYPE_CODES.get(dtype, 0), ndim, axis,
+    h[:len(_FIELDS)] = [_MAGIC, op, layer, call, C, _dtype_code(dtype), ndim, axis,
                         flags, _float_bits(eps), _float_bits(momentum)]
     raw = message.encode("utf-8", "replace")[: 8 * _MSG_WORDS]
     h[len(_FIELDS):].view(np.uint8)[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
@@ -176,7 +183,7 @@ def _show(field, v):
     if field == "op":
         return _OP_NAMES.get(v, str(v))
     if field == "dtype":
-        return {16: "float16", 32: "float32", 64: "float64"}.get(v, str(v))
+        return {16: "float16", 32: "float32", 64: "float64", 116: "bfloat16"}.get(v, str(v))
     if field in ("eps", "momentum"):
         f = float(np.int64(v).view(np.float64))
         return "None" if np.isnan(f) and field == "momentum" else repr(f)
@@ -344,7 +351,8 @@ class _Group:
 # --------------------------------------------------------------------------- the layer
 
 def _compute_dtype(dtype):
-    return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if _validation.is_half(dtype) else dtype
 
 
 class SyncBatchNorm(BatchNorm):

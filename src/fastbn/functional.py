@@ -19,8 +19,9 @@ Memory layout: an input that is C-contiguous, or C-contiguous after a permutatio
 input's own layout, so ``y.strides`` follow ``x.strides``; a caller's ``out=`` of a different
 layout or byte order is filled from a temporary.
 
-Precision: float32 and float64 compute natively, accumulating in float64. float16 inputs are
-computed in float32 and the output is returned as float16. ``mean`` and ``invstd`` are returned
+Precision: float32 and float64 compute natively, accumulating in float64. float16 inputs, and
+bfloat16 ones (``ml_dtypes.bfloat16``, NumPy's usual bfloat16; CPU only), are computed in
+float32 and the output is returned in the input's dtype. ``mean`` and ``invstd`` are returned
 as float64 whatever the input dtype: they are what the kernels accumulated, and handing them back
 at full precision keeps the backward accurate when |mean| >> std.
 
@@ -115,8 +116,8 @@ def _out(be, out, x):
 
 
 def _grad_dtype(dtype):
-    """dweight/dbias come back in the compute dtype: float32 for float16 input."""
-    return _F32 if dtype.char == "e" else dtype
+    """dweight/dbias come back in the compute dtype: float32 for float16/bfloat16 input."""
+    return _F32 if V.is_half(dtype) else dtype
 
 
 def _empty(layout):
@@ -272,7 +273,7 @@ def batch_norm_forward(x: ArrayLike, weight: Optional[ArrayLike] = None,
 
     Parameters
     ----------
-    x : ndarray, float16/float32/float64, ndim >= 2
+    x : ndarray, float16/bfloat16/float32/float64, ndim >= 2
     weight, bias : (C,) arrays or None (gamma = 1, beta = 0)
     axis : the feature axis (1 for NCHW, -1 for channels-last); statistics reduce over the rest
     eps : added to the variance
@@ -359,7 +360,7 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: Ar
     batch_norm_forward (``training=True``), or running statistics (``training=False``, where
     they are constants and dx = dy * weight * invstd). With ``activation="relu"``, pass the
     forward's output as ``y``: the gradient flows where y > 0. dweight = sum(g * x_hat) and
-    dbias = sum(g) are returned in x's compute dtype (float32 for float16 input) whether or
+    dbias = sum(g) are returned in x's compute dtype (float32 for float16/bfloat16 input) whether or
     not ``weight`` is given; they are zero for an empty batch. ``mask``: the forward's mask
     (statistics over its True positions only; dweight and dbias still sum over every position).
 
@@ -412,7 +413,7 @@ def batch_norm(input: ArrayLike, running_mean: Optional[ArrayLike],
 
     Parameters
     ----------
-    input : array, float16/float32/float64, ndim >= 2 (x)
+    input : array, float16/bfloat16/float32/float64, ndim >= 2 (x)
     running_mean, running_var : (C,) arrays or None
         training=True: updated in place when given (unbiased batch variance, PyTorch's
         ``running = (1 - momentum) * running + momentum * batch``); an empty batch leaves them.

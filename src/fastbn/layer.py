@@ -152,7 +152,8 @@ class BatchNorm:
         "relu" fuses a ReLU into the forward; the backward masks with the forward's output.
     dtype : float32 or float64
         dtype of the parameters and running statistics. Inputs must have this dtype, or be
-        float16 (mixed precision as in PyTorch: computed in float32, returned as float16).
+        float16 or bfloat16 (mixed precision as in PyTorch: computed in float32, returned in x's
+        dtype; bfloat16 is ``ml_dtypes.bfloat16``, CPU only).
 
     Notes
     -----

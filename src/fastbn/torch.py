@@ -59,7 +59,27 @@ __all__ = [
 ]
 
 _DTYPES = (torch.float32, torch.float64)
-_FUNCTION_DTYPES = (torch.float16, torch.float32, torch.float64)
+_FUNCTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _tensor(a):
+    """A NumPy result as a tensor sharing its memory; an ml_dtypes.bfloat16 array (what fastbn
+    returns for bfloat16 input: NumPy has no bfloat16 of its own) becomes a torch.bfloat16
+    tensor through an int16 view of the same bits."""
+    if a.dtype.name == "bfloat16" and a.dtype.kind == "V":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _numpy(t):
+    """A CPU tensor as a NumPy view of its memory (bfloat16 through ml_dtypes, which
+    fastbn's argument conversion imports or names as missing)."""
+    if t.dtype == torch.bfloat16:
+        from ._validation import numpy_array
+
+        return numpy_array(t, "running statistics")
+    return t.numpy()
 
 
 # --------------------------------------------------------------------------- kernels
@@ -72,7 +92,7 @@ def _like_input(a, x):
     ``empty_like(x)``, so the rare input where the two could differ (a non-dense view, size-1
     dimensions with unusual strides) gets a copy into exactly that layout.
     """
-    t = torch.from_numpy(a)
+    t = _tensor(a)
     if t.stride() != x.stride():
         ref = torch.empty_like(x)
         if ref.stride() != t.stride():
@@ -87,7 +107,7 @@ def _f64(a):
 
 
 def _grad_dtype(x):
-    return torch.float32 if x.dtype == torch.float16 else x.dtype
+    return torch.float32 if x.dtype in _HALF else x.dtype
 
 
 def _forward(x, weight, bias, running_mean, running_var, training, eps):
@@ -106,7 +126,7 @@ def _forward(x, weight, bias, running_mean, running_var, training, eps):
 
 def _backward(dy, x, mean, invstd, weight, training):
     dx, dw, db = _fbn_backward(dy, x, mean, invstd, weight, axis=1, training=training)
-    return _like_input(dx, x), torch.from_numpy(dw), torch.from_numpy(db)
+    return _like_input(dx, x), _tensor(dw), _tensor(db)
 
 
 def _update(running_mean, running_var, mean, var, count, momentum, num_batches_tracked):
@@ -115,7 +135,7 @@ def _update(running_mean, running_var, mean, var, count, momentum, num_batches_t
     if momentum is None:
         momentum = 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
     # fastbn writes only into NumPy arrays: views sharing the buffers' memory.
-    _F.update_running_stats(running_mean.detach().numpy(), running_var.detach().numpy(),
+    _F.update_running_stats(_numpy(running_mean.detach()), _numpy(running_var.detach()),
                             mean, var, count, momentum)
 
 
@@ -279,8 +299,9 @@ class BatchNormFunction(torch.autograd.Function):
     """Batch norm as an autograd Function, with ``F.batch_norm``'s argument order:
 
     ``BatchNormFunction.apply(input, running_mean, running_var, weight, bias, training,
-    momentum, eps)``. CPU tensors, float16 (computed in float32), float32 or float64; running
-    statistics are updated in place in training when given. Eager only: for torch.compile
+    momentum, eps)``. CPU tensors, float16 or bfloat16 (computed in float32; bfloat16 needs
+    ml_dtypes, through which NumPy reads it), float32 or float64; running statistics are
+    updated in place in training when given. Eager only: for torch.compile
     use ``batch_norm`` or the modules, which go through the custom ops.
     """
 
@@ -288,7 +309,8 @@ class BatchNormFunction(torch.autograd.Function):
     def forward(ctx, input, running_mean=None, running_var=None, weight=None, bias=None,
                 training=False, momentum=0.1, eps=1e-5):
         if input.device.type != "cpu" or input.dtype not in _FUNCTION_DTYPES:
-            raise TypeError("BatchNormFunction: expected a CPU float16/float32/float64 tensor, "
+            raise TypeError("BatchNormFunction: expected a CPU float16/bfloat16/float32/float64 "
+                            "tensor, "
                             f"got {input.dtype} on {input.device}")
         training = bool(training)
         y, mean, invstd, var = _forward(input, weight, bias, running_mean, running_var,

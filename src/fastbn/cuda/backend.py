@@ -53,7 +53,7 @@ def _coef_dtype(dtype):
 # --------------------------------------------------------------------------- array handling
 
 def array(a, name):
-    return _validation.cupy_array(_cupy(), a, name)
+    return _validation.cuda_dtype(_validation.cupy_array(_cupy(), a, name), name)
 
 
 def compute_dtype(dtype):
