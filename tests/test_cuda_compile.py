@@ -397,7 +397,28 @@ class FakeCupy(types.ModuleType):
         return np.array(np.asarray(a).view(np.ndarray))
 
     may_share_memory = staticmethod(np.may_share_memory)
+    shares_memory = staticmethod(np.shares_memory)
     sqrt = staticmethod(np.sqrt)
+
+    # Array functions CuPy has with NumPy's signature, which the variants use: NumPy's, with
+    # array results moved into guarded fake-CuPy memory (so that a NumPy array leaking out of
+    # the GPU path is still refused as one). Only names CuPy defines belong here.
+    _NUMPY_TWINS = ("maximum", "minimum", "clip", "isfinite", "all", "ones", "zeros_like",
+                    "empty_like", "ones_like", "expand_dims", "stack")
+
+    def __getattr__(self, attr):
+        if attr not in FakeCupy._NUMPY_TWINS:
+            raise AttributeError(f"the fake cupy has no {attr!r}")
+        fn = getattr(np, attr)
+
+        def twin(*args, **kwargs):
+            out = kwargs.get("out")
+            res = fn(*args, **kwargs)
+            if out is not None or not isinstance(res, np.ndarray) or res.ndim == 0:
+                return res
+            return self.asarray(res)
+
+        return twin
 
     def where(self, cond, a, b):
         return self.asarray(np.where(cond, a, b))
@@ -658,3 +679,106 @@ def test_emulated_layer_matches_the_cpu_layer_over_training_steps(cp):
     gpu.eval()
     x = r.standard_normal((4, 5, 3, 2)).astype(np.float32)
     _close(gpu(cp.asarray(x)), cpu(x), 1e-5, "eval y")
+
+
+# --------------------------------------------------------------------------- variants
+
+def _variant_calls(x, dy, dd, w, b, mask):
+    """Each variant of fastbn.variants on (x, dy, dd, w, b, mask) of one array module;
+    statistics-like arguments are computed by the caller's module too."""
+    C = x.shape[1]
+    mod = type(x).__module__.split(".", 1)[0]
+    asm = (lambda a: a) if mod == "numpy" else sys.modules["cupy"].asarray
+    mean = asm(np.linspace(0.3, 0.7, C))
+    var = asm(np.linspace(0.8, 1.4, C))
+    r = asm(np.linspace(0.9, 1.1, C))
+    d = asm(np.linspace(-0.2, 0.2, C))
+    return {
+        "fixed_batch_norm": lambda: (F.fixed_batch_norm(x, mean, var, w, b),),
+        "fixed_batch_norm_backward": lambda: F.fixed_batch_norm_backward(dy, x, mean, var, w),
+        "batch_renorm_forward": lambda: F.batch_renorm_forward(x, mean, var, w, b, rmax=1.2,
+                                                               rmin=0.8, dmax=0.3),
+        "batch_renorm_backward": lambda: F.batch_renorm_backward(dy, x, mean, var, r, d, w),
+        "ghost_batch_norm_forward": lambda: F.ghost_batch_norm_forward(
+            x, w, b, virtual_batch_size=3),
+        "ghost_batch_norm_backward": lambda: F.ghost_batch_norm_backward(
+            dy, x, asm(np.stack([np.asarray(mean)] * 2)), asm(np.stack([np.asarray(var)] * 2)),
+            w, virtual_batch_size=3),
+        "masked forward": lambda: fastbn.batch_norm_forward(x, w, b, mask=mask),
+        "masked backward": lambda: fastbn.batch_norm_backward(dy, x, mean, var, w, mask=mask),
+        "double backward": lambda: F.batch_norm_double_backward(dd, w, b, dy, x, mean, var, w),
+        "double backward (eval)": lambda: F.batch_norm_double_backward(
+            dd, w, b, dy, x, mean, var, w, training=False),
+        "axes forward": lambda: fastbn.batch_norm_forward(
+            x, asm(np.ones(x.shape[1:3])), None, axis=(1, 2)),
+        "axes backward": lambda: fastbn.batch_norm_backward(
+            dy, x, asm(np.full(x.shape[1:3], 0.5)), asm(np.ones(x.shape[1:3])), axis=(1, 2)),
+        "axes moments": lambda: F.channel_moments(x, axis=(1, 2))[1:],
+        "axes batch_norm": lambda: (fastbn.batch_norm(
+            x, asm(np.zeros(x.shape[1:3])), asm(np.ones(x.shape[1:3])), training=True,
+            axis=(1, 2)),),
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_emulated_variants_match_cpu(cp, dtype):
+    # Every variant on (fake) CuPy arrays against the same call on NumPy: the CUDA path runs
+    # the variants through the backend's verbs and CuPy array operations, no kernel of its own.
+    shape = (6, 4, 5)
+    x, dy, dd = _data(shape, dtype, 21), _data(shape, dtype, 22, 0.0), _data(shape, dtype, 23, 0.0)
+    w, b = _data((4,), np.float32, 24), _data((4,), np.float32, 25)
+    mask = np.random.default_rng(26).random((6, 5)) < 0.6
+    cpu = _variant_calls(x, dy, dd, w, b, mask)
+    gpu = _variant_calls(*(cp.asarray(a) for a in (x, dy, dd, w, b, mask)))
+    for name, call in cpu.items():
+        ref = call()
+        cp.launches.clear()
+        got = gpu[name]()
+        # which run on the CUDA kernels and which on CuPy array operations alone
+        # (docs/guide/variants.md says so)
+        on_arrays = name.startswith(("masked", "double backward"))
+        assert bool(cp.launches) != on_arrays, (name, cp.launches)
+        assert len(got) == len(ref), name
+        for k, (g, r) in enumerate(zip(got, ref)):
+            assert isinstance(g, cp.ndarray), f"{name}[{k}]: {type(g)}"
+            assert g.dtype == r.dtype and g.shape == r.shape, f"{name}[{k}]"
+            _close(g, r, TOL[dtype] * 30, f"{name}[{k}]")
+
+
+@pytest.mark.parametrize("options", [
+    dict(renorm=True, renorm_clipping={"rmax": 1.5, "dmax": 0.5}, activation="relu"),
+    dict(virtual_batch_size=2, activation="relu"), dict(mask=True),
+    dict(num_features=(4, 3), axis=(1, 2))], ids=str)
+def test_emulated_layer_variants_match_the_cpu_layer(cp, options):
+    # The layer's variants moved with .to("gpu"): three training steps, then eval.
+    options = dict(options)
+    masked = options.pop("mask", False)
+    C = options.pop("num_features", 4)
+    r = np.random.default_rng(27)
+    cpu = fastbn.BatchNorm(C, momentum=0.2, **options)
+    gpu = fastbn.BatchNorm(C, momentum=0.2, **options).to("gpu")
+    for step in range(3):
+        x = (1.0 + r.standard_normal((4, 4, 3))).astype(np.float32)
+        dy = r.standard_normal(x.shape).astype(np.float32)
+        kw, gkw = {}, {}
+        if masked:
+            m = r.random((4, 3)) < 0.7
+            kw, gkw = dict(mask=m), dict(mask=cp.asarray(m))
+        _close(gpu(cp.asarray(x), **gkw), cpu(x, **kw), 1e-5, f"y, step {step}")
+        _close(gpu.backward(cp.asarray(dy)), cpu.backward(dy), 1e-4, f"dx, step {step}")
+    for name in ("grad_weight", "grad_bias", "running_mean", "running_var"):
+        _close(getattr(gpu, name), getattr(cpu, name), 1e-5, name)
+    cpu.eval()
+    gpu.eval()
+    x = r.standard_normal((4, 4, 3)).astype(np.float32)
+    _close(gpu(cp.asarray(x)), cpu(x), 1e-5, "eval y")
+
+
+def test_emulated_bfloat16_is_refused(cp):
+    ml_dtypes = pytest.importorskip("ml_dtypes", reason="ml_dtypes not installed (bfloat16)")
+    x = cp.asarray(np.ones((4, 3), ml_dtypes.bfloat16))
+    with pytest.raises(TypeError, match=r"x: expected a float16, float32 or float64 CuPy array "
+                                        r"\(bfloat16 runs on the CPU path only\), got dtype "
+                                        r"bfloat16"):
+        fastbn.batch_norm_forward(x)
+    assert cp.launches == []

@@ -505,14 +505,14 @@ class BatchNorm:
                     x, self._renorm_mean, self._renorm_std, w, b, self._axis, self._eps,
                     c.get("rmax"), c.get("rmin"), c.get("dmax"))
                 if self._activation == "relu":
-                    y = np.maximum(y, 0, out=y)
+                    y = self._xp().maximum(y, 0, out=y)
                 variant = ("renorm", r, d)
             elif self._virtual_batch_size is not None:
                 x = self._check_input(x)
                 y, mean, invstd, var, count = _variants._ghost_forward(
                     x, w, b, self._axis, self._eps, self._virtual_batch_size)
                 if self._activation == "relu":
-                    y = np.maximum(y, 0, out=y)
+                    y = self._xp().maximum(y, 0, out=y)
                 variant = ("ghost", self._virtual_batch_size, mean, invstd)
                 # the running statistics follow the mean of the virtual batches' (Keras 2)
                 mean, var = mean.mean(axis=0), var.mean(axis=0)
