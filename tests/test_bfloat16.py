@@ -302,3 +302,28 @@ except TypeError as e:
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.startswith("ok"), run.stderr
+
+
+@needs_ml_dtypes
+def test_torch_bfloat16_double_backward_matches_float64_torch():
+    # create_graph=True through BatchNormFunction on bfloat16 (fastbn's double backward) against
+    # torch's own float64 double backward of the same bfloat16 values
+    torch = _torch()
+    import fastbn.torch as ft
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(8, 3, 5, generator=g).bfloat16()
+    w0 = torch.rand(3, generator=g).bfloat16()
+    c = torch.randn(8, 3, 5, generator=g).bfloat16()
+    res = []
+    for fn, dt in ((ft.BatchNormFunction.apply, torch.bfloat16),
+                   (torch.nn.functional.batch_norm, torch.float64)):
+        x = x0.to(dt, copy=True).requires_grad_()
+        w = w0.to(dt, copy=True).requires_grad_()
+        y = fn(x, None, None, w, None, True, 0.1, 1e-5)
+        gx, = torch.autograd.grad((y * c.to(dt)).sum(), x, create_graph=True)
+        gx.pow(2).sum().backward()
+        res.append([t.detach().double() for t in (y, gx, x.grad, w.grad)])
+    for name, got, want in zip(("y", "dx", "d(dx^2)/dx", "d(dx^2)/dweight"), *res):
+        err = float((got - want).abs().max() / want.abs().max())
+        assert err < 4 * 2.0 ** -8, f"{name}: relative error {err:.3g}"

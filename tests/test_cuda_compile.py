@@ -736,7 +736,7 @@ def test_emulated_variants_match_cpu(cp, dtype):
         got = gpu[name]()
         # which run on the CUDA kernels and which on CuPy array operations alone
         # (docs/guide/variants.md says so)
-        on_arrays = name.startswith(("masked", "double backward"))
+        on_arrays = name.startswith("masked")
         assert bool(cp.launches) != on_arrays, (name, cp.launches)
         assert len(got) == len(ref), name
         for k, (g, r) in enumerate(zip(got, ref)):
