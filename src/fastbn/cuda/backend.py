@@ -244,11 +244,13 @@ def backward_dx(dy3, x3, y3, dx3, mean, invstd, weight, sum_dy, sum_dy_xmu, coun
 
 
 def affine(a3, b3, out3, a, k, m, c):
-    """out3 = a*a3 - k*(b3 - m) + c per channel (out3 may be a3): CuPy array arithmetic, the
-    per-channel coefficients in the compute dtype as the kernels' lanes hold them."""
+    """out3 = a*a3 - k*(b3 - m) + c per channel (out3 may be a3): CuPy array arithmetic in
+    float32 for float16 arrays (as the kernels compute them), else in the arrays' dtype."""
     cp = _cupy()
     C = a3.shape[1]
-    ct = a3.dtype
+    ct = np.dtype(np.float32) if a3.dtype == np.float16 else a3.dtype
+    if ct != a3.dtype:
+        a3, b3 = a3.astype(ct), b3.astype(ct)
 
     def col(v):
         return cp.asarray(v, dtype=cp.float64).astype(ct).reshape(1, C, 1)
