@@ -16,9 +16,11 @@ from conftest import subprocess_env
 LEVELS = _kernels.cpu_levels()
 
 # (shape, axis): NCL with short (7x7 = 49) and long segments, a segment shorter than a register,
-# and channels-last
+# and channels-last; short segments read as rows (inner 7 and 11, tiles of whole channels) and
+# a few wide rows (one row block, finished in the tasks)
 CASES = [((6, 24, 7, 7), 1), ((3, 5, 61, 67), 1), ((4, 9, 3), 1), ((2, 300, 5), 1),
-         ((40, 33), -1), ((5, 7, 7, 70), -1)]
+         ((40, 33), -1), ((5, 7, 7, 70), -1), ((16, 300, 7), 1), ((5, 97, 11), 1),
+         ((8, 3000), 1)]
 
 
 @pytest.fixture(params=LEVELS)
@@ -89,7 +91,8 @@ def test_level_matches_reference(level, dtype, shape, axis):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,axis", [((8, 64, 7, 7), 1), ((4, 16, 56, 56), 1),
-                                        ((64, 7, 7, 96), -1)])
+                                        ((64, 7, 7, 96), -1), ((16, 3584, 7), 1),
+                                        ((16, 25088), 1)])
 def test_level_bitwise_thread_invariant(level, dtype, shape, axis):
     x, dy = _data(shape, dtype, seed=1)
     results = []

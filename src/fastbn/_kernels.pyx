@@ -10,6 +10,9 @@ no argument can crash the process. The kernels release the GIL.
 Two layouts, chosen by the caller's view:
   inner > 1  "NCL": each channel is `outer` contiguous runs of `inner` values.
   inner == 1 "NLC" (channels-last, and 2-D (N, C)): rows of C values, one lane per channel.
+  inner <= SHORT_INNER is read as rows too: rows of C * inner values, `inner` lanes per channel
+  (segments of a few values, 7 for axis=(1, 2) on (16, 512, 7, 7), cost a scalar tail each and
+  ran at a tenth of the speed of 7x7 maps; as rows they are vector lanes).
 
 Determinism: every reduction is cut into blocks whose boundaries depend only on the shape (never
 on the thread count), each block is reduced by one thread into its own slots, and the slots are
@@ -108,6 +111,25 @@ cdef enum:
     PAR_MIN = 32768     # below this many values a parallel region costs more than it saves
     MERGE = 256         # channels of one merge task
     MERGE_PAR_MIN = 32768  # slots below which the merge runs on one thread
+    SHORT_INNER = 15    # inner extents up to this are read as rows of channels * inner lanes
+
+
+# The inner extent up to which NCL arrays are read as rows (SHORT_INNER; 1 turns it off, for
+# tests and measurements that compare the two ways, see _set_short_inner). Measured on the
+# Zen 5 (x86-64-v4, 1 thread, (16, 3584, I)): as rows, statistics are 7-30x faster for I = 2..15,
+# normalize 1.1-3x, backward 1.5-4x; at I = 16 (one AVX-512 register of float) the segments
+# are faster (normalize 1.2x, backward 1.4x).
+cdef Py_ssize_t _short_inner = SHORT_INNER
+
+
+def _set_short_inner(Py_ssize_t n):
+    """Read NCL arrays with inner <= n as rows from now on (n <= 1: only inner == 1, the
+    channels-last layout); returns the previous limit. For tests and measurements; call it
+    while no kernel runs."""
+    global _short_inner
+    prev = _short_inner
+    _short_inner = max(<Py_ssize_t>0, n)
+    return prev
 
 
 # --------------------------------------------------------------------------- ISA levels
@@ -190,10 +212,13 @@ def omp_max_threads():
 # --------------------------------------------------------------------------- partitions
 
 cdef struct Rows:
-    # Channels-last partition of an (R, C) array into blocks of rows x channel tiles.
-    Py_ssize_t R, C
+    # Channels-last partition of an (R, C) array into blocks of rows x channel tiles, in
+    # lanes: a row is C lanes, rep consecutive lanes per channel (rep = 1 for channels-last;
+    # rep = inner for the short-segment NCL arrays read as rows, see SHORT_INNER).
+    Py_ssize_t R, C     # rows, lanes per row (channels * rep)
+    Py_ssize_t rep      # lanes per channel
     Py_ssize_t m        # rows per super-row (C < TILE), else 1
-    Py_ssize_t tile     # channels per tile (C when C < TILE)
+    Py_ssize_t tile     # lanes per tile (C when C < TILE), a multiple of rep
     Py_ssize_t ntiles
     Py_ssize_t rb       # rows per block, a multiple of m
     Py_ssize_t nb       # row blocks
@@ -205,14 +230,17 @@ cdef inline Py_ssize_t _gcd(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return a
 
 
-cdef Rows _rows_partition(Py_ssize_t R, Py_ssize_t C) noexcept nogil:
+cdef Rows _rows_partition(Py_ssize_t R, Py_ssize_t C, Py_ssize_t rep) noexcept nogil:
+    # C channels of rep lanes each (see Rows)
     cdef Rows p
     cdef Py_ssize_t m0 = 1
+    C = C * rep
     p.R = R
     p.C = C
+    p.rep = rep
     if C < TILE:
-        # m consecutive rows form one contiguous super-row of m*C lanes (lane j: channel
-        # j % C), as close to TILE lanes as fits. Rows of a few channels are too short to
+        # m consecutive rows form one contiguous super-row of m*C lanes (lane j: lane j % C
+        # of a row), as close to TILE lanes as fits. Rows of a few channels are too short to
         # vectorise (m*C is then also a multiple of 16), and the multi-row reductions read
         # FBN_ROWS rows side by side: streams of 4 KB run from L3 at ~1.5x the speed of the
         # 1 KB rows of C = 256.
@@ -222,13 +250,23 @@ cdef Rows _rows_partition(Py_ssize_t R, Py_ssize_t C) noexcept nogil:
         p.tile = C
     else:
         p.m = 1
-        p.tile = TILE
+        p.tile = (TILE // rep) * rep  # whole channels
     p.ntiles = (C + p.tile - 1) // p.tile
     p.rb = (CL_CHUNK // (p.m * p.tile)) * p.m
     if p.rb < p.m:
         p.rb = p.m
     p.nb = (R + p.rb - 1) // p.rb if R > 0 else 0
     return p
+
+
+cdef struct Fin:
+    # The statistics of a rows partition with one row block (_stats): each task owns its
+    # channels, so it computes their shift, sums them straight into r1/r2 (no slots, no merge)
+    # and turns the sums into mean, M2 (and var) there, in parallel and while they are in cache.
+    double *kd             # OUT per-channel shift (double)
+    double *bad            # OUT per-channel 1.0 where the one-pass result is not trusted
+    double *var            # OUT or NULL
+    double n, vmin, kmin
 
 
 cdef struct Ctx:
@@ -240,7 +278,9 @@ cdef struct Ctx:
     const void *y          # IN  ReLU mask (forward output) or NULL
     void *out              # OUT y or dx
     Py_ssize_t outer, channels, inner   # the canonical shape
-    Rows p                 # channels-last partition
+    Py_ssize_t rep         # 0: NCL runs of segments; else x is read as rows of channels * rep
+                           # lanes, rep = 1 (channels-last) or inner (short segments, _ctx)
+    Rows p                 # the rows partition (rep > 0)
     Py_ssize_t spr         # NCL runs (_ncl_runs): segments per run, or 0 for pieces of one
     Py_ssize_t piece       # NCL runs: values per piece (spr == 0)
     Py_ssize_t ppi         # NCL runs: pieces per segment (1 when spr > 0)
@@ -257,6 +297,7 @@ cdef struct Ctx:
     double *p2
     double *r1             # OUT per-channel results
     double *r2
+    const Fin *fin         # one row block, statistics: what each task finishes (_stats), or NULL
 
 
 ctypedef void (*task_fn)(const Ctx *ctx, Py_ssize_t t) noexcept nogil
@@ -332,8 +373,8 @@ cdef Py_ssize_t _reduction(Ctx *ctx) noexcept nogil:
     spans all channels; or pieces of one segment when a segment is longer than a run.
     """
     cdef Py_ssize_t O = ctx.outer, C = ctx.channels, I = ctx.inner, run, ntasks
-    if I == 1:
-        ctx.p = _rows_partition(O, C)
+    if ctx.rep > 0:
+        ctx.p = _rows_partition(O, C, ctx.rep)
         ctx.G = ctx.p.nb
         ctx.P = 1
         return ctx.p.nb * ctx.p.ntiles
@@ -370,6 +411,10 @@ cdef void _merge_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
     # slot, ~0.7 ms a call on (4096, 1024)).
     cdef Py_ssize_t g, q, c, base, C = ctx.channels, P = ctx.P
     cdef Py_ssize_t c0 = t * MERGE, c1 = min(C, c0 + MERGE)
+    if ctx.G * P == 1:  # one slot per channel (a few wide rows)
+        memcpy(ctx.r1 + c0, ctx.p1 + c0, (c1 - c0) * sizeof(double))
+        memcpy(ctx.r2 + c0, ctx.p2 + c0, (c1 - c0) * sizeof(double))
+        return
     for c in range(c0, c1):
         ctx.r1[c] = 0
         ctx.r2[c] = 0
@@ -383,19 +428,33 @@ cdef void _merge_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
 
 cdef void _rows_reduce_tile(const Ctx *ctx, Py_ssize_t b, Py_ssize_t c0, Py_ssize_t cw,
                             const double *a1, const double *a2) noexcept nogil:
-    # Fold the m*cw lanes of a channels-last tile (lane j: channel c0 + j % cw) into its slots.
-    cdef Py_ssize_t c, j, width = ctx.p.m * cw
+    # Fold the m*cw lanes of a tile (lane j: lane c0 + j % cw of a row, channel (c0 + j % cw)
+    # // rep) into its slots: each channel's lanes in the order (super-row row, lane).
+    cdef Py_ssize_t c, j, i, rep = ctx.p.rep, width = ctx.p.m * cw
+    cdef double *o1
+    cdef double *o2
+    if ctx.p1 == NULL:  # one row block: straight into the results (_stats, _bwd_sums)
+        o1 = ctx.r1 + c0 // rep
+        o2 = ctx.r2 + c0 // rep
+    else:
+        o1 = ctx.p1 + b * ctx.channels + c0 // rep
+        o2 = ctx.p2 + b * ctx.channels + c0 // rep
     cdef double s1, s2
-    for c in range(cw):
+    if width == cw and rep == 1:  # (wide rows: a lane per channel, nothing to fold)
+        memcpy(o1, a1, cw * sizeof(double))
+        memcpy(o2, a2, cw * sizeof(double))
+        return
+    for c in range(cw // rep):
         s1 = 0
         s2 = 0
-        j = c
+        j = c * rep
         while j < width:
-            s1 += a1[j]
-            s2 += a2[j]
+            for i in range(rep):
+                s1 += a1[j + i]
+                s2 += a2[j + i]
             j += cw
-        ctx.p1[b * ctx.channels + c0 + c] = s1
-        ctx.p2[b * ctx.channels + c0 + c] = s2
+        o1[c] = s1
+        o2[c] = s2
 
 
 cdef int _reduce(Ctx *ctx, task_fn task, double *r1, double *r2, int nthreads) noexcept nogil:
@@ -449,6 +508,14 @@ cdef void _rows_stats(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept 
     cdef Py_ssize_t width = p.m * cw
     cdef Py_ssize_t nsr = (r1 - r0) // p.m
     cdef Py_ssize_t rl = r0 + nsr * p.m
+    cdef Py_ssize_t ch0 = c0 // p.rep, nch = cw // p.rep, I = ctx.inner, r
+    cdef const Fin *f = ctx.fin
+    if f != NULL:  # this task's shift: lanes [c0, c0 + cw) (all m copies when m > 1)
+        _med3_lanes(x + ch0 * I, <floating *>k + c0, f.kd + ch0, nch, I, p.rep,
+                    ((p.R // 2) * ctx.channels) * I + I // 2,
+                    ((p.R - 1) * ctx.channels) * I + I - 1)
+        for r in range(1, p.m):
+            memcpy(<floating *>k + r * p.C, k, p.C * sizeof(floating))
     memset(a1, 0, width * sizeof(double))
     memset(a2, 0, width * sizeof(double))
     # super-rows are contiguous (m > 1 only when the tile is the whole row)
@@ -461,10 +528,16 @@ cdef void _rows_stats(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept 
         if rl < r1:
             fbn_sums_rows_double(x + rl * p.C + c0, r1 - rl, p.C, cw, k + c0, a1, a2)
     _rows_reduce_tile(ctx, b, c0, cw, a1, a2)
+    if f != NULL:
+        _stats_finish(f.kd + ch0, nch, f.n, f.vmin, f.kmin, ctx.r1 + ch0, ctx.r2 + ch0,
+                      f.bad + ch0)
+        if f.var != NULL:
+            for r in range(ch0, ch0 + nch):
+                f.var[r] = ctx.r2[r] / f.n
 
 
 cdef void _stats_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
-    if ctx.inner > 1:
+    if ctx.rep == 0:
         if ctx.f32:
             _ncl_stats(<const float *>ctx.x, ctx, t)
         else:
@@ -478,15 +551,37 @@ cdef void _stats_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
 
 cdef inline floating _med3(floating a, floating b, floating c) noexcept nogil:
     # the median of three values (one of them; NaN may give any, the check in _stats catches it)
-    cdef floating lo = a if a < b else b, hi = b if a < b else a
-    if c < hi:
-        hi = c
+    # Each select a min or max of its own comparison (minss/maxss): with one shared compare
+    # GCC emitted branches, which random data mispredicts half the time (perf: the pilot of a
+    # 16 x 25088 channel_stats went from ~2 ns a channel to a fraction).
+    cdef floating lo = a if a < b else b
+    cdef floating hi = a if a > b else b
+    hi = c if c < hi else hi
     return lo if lo > hi else hi
 
 
-cdef void *_pilot_shift(const Ctx *ctx, Py_ssize_t m) noexcept nogil:
-    """The shift k of the statistics in the working precision, replicated over m*C lanes (lane
-    j: channel j % C): per channel the median of its first, middle and last value in memory.
+cdef void _med3_lanes(const floating *x, floating *k, double *kd, Py_ssize_t C, Py_ssize_t I,
+                      Py_ssize_t rep, Py_ssize_t i1, Py_ssize_t i2) noexcept nogil:
+    # k[c*rep .. c*rep + rep) = kd[c] = med3(x[c*I], x[i1 + c*I], x[i2 + c*I]); IN x; OUT k, kd
+    cdef Py_ssize_t c, i
+    cdef floating v
+    if I == 1:  # channels-last: contiguous, vectorised
+        for c in range(C):
+            v = _med3(x[c], x[i1 + c], x[i2 + c])
+            kd[c] = v
+            k[c] = v
+        return
+    for c in range(C):
+        v = _med3(x[c * I], x[i1 + c * I], x[i2 + c * I])
+        kd[c] = v
+        for i in range(rep):
+            k[c * rep + i] = v
+
+
+cdef void *_pilot_shift(const Ctx *ctx, Py_ssize_t m, Py_ssize_t rep, double *kd) noexcept nogil:
+    """The shift k of the statistics in the working precision, replicated over m*C*rep lanes
+    (lane j: channel (j % (C*rep)) // rep), and once per channel in kd (OUT, C doubles): per
+    channel the median of its first, middle and last value in memory.
 
     Sums of x - k and (x - k)^2 lose nothing to a large mean when k is within a few standard
     deviations of the mean; one shift per channel (not per block) lets the blocks merge by
@@ -494,24 +589,19 @@ cdef void *_pilot_shift(const Ctx *ctx, Py_ssize_t m) noexcept nogil:
     (the channel's first value, the shift before, was neither: a 1000-sigma first value put a
     float32 variance 2e-4 off). _stats checks the shift afterwards and falls back when it was
     bad anyway."""
-    cdef Py_ssize_t c, r, C = ctx.channels, I = ctx.inner, O = ctx.outer
-    cdef Py_ssize_t i0, i1, i2
+    cdef Py_ssize_t c, r, C = ctx.channels, I = ctx.inner, O = ctx.outer, w = C * rep
+    cdef Py_ssize_t i1 = ((O // 2) * C) * I + I // 2, i2 = ((O - 1) * C) * I + I - 1
     cdef size_t size = sizeof(float) if ctx.f32 else sizeof(double)
-    cdef char *k = <char *> malloc(m * C * size + 1)
-    cdef const float *xf = <const float *>ctx.x
-    cdef const double *xd = <const double *>ctx.x
+    cdef char *k = <char *> malloc(m * w * size + 1)
     if k == NULL:
         return NULL
-    for c in range(C):
-        i0 = c * I
-        i1 = ((O // 2) * C + c) * I + I // 2
-        i2 = ((O - 1) * C + c) * I + I - 1
-        if ctx.f32:
-            (<float *>k)[c] = _med3(xf[i0], xf[i1], xf[i2])
-        else:
-            (<double *>k)[c] = _med3(xd[i0], xd[i1], xd[i2])
+    # a loop per dtype without branches inside
+    if ctx.f32:
+        _med3_lanes(<const float *>ctx.x, <float *>k, kd, C, I, rep, i1, i2)
+    else:
+        _med3_lanes(<const double *>ctx.x, <double *>k, kd, C, I, rep, i1, i2)
     for r in range(1, m):
-        memcpy(k + r * C * size, k, C * size)
+        memcpy(k + r * w * size, k, w * size)
     return k
 
 
@@ -659,6 +749,33 @@ cdef void _careful_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
                 cf.var[c] = (d / n) / sc[j] / sc[j]
 
 
+cdef void _stats_finish(const double *shift, Py_ssize_t C, double n, double vmin, double kmin,
+                        double *mean, double *m2, double *bad) noexcept nogil:
+    # The shifted sums (INOUT mean, m2: sum(x - k), sum((x - k)^2) in, mean and M2 out) of C
+    # channels whose shift is shift[c]; OUT bad[c] = 1 where the checks above fail. No
+    # branch inside, so that it vectorises (the pilot and this loop, with branches, were ~40 %
+    # of a 16 x 25088 channel_stats in perf).
+    cdef Py_ssize_t c
+    cdef double k, s1, s2, d, e, v, rn = 1.0 / n
+    cdef bint ok
+    # x * (1/n), not x / n: two divisions a channel bound the loop (~1 ns a channel, C = 25088:
+    # ~30 % of a 16-row channel_stats in perf); the product is within an ulp of the quotient.
+    for c in range(C):
+        k = shift[c]
+        s1 = mean[c]
+        s2 = m2[c]
+        d = s1 * rn
+        mean[c] = k + d
+        e = s2 - s1 * d
+        e = 0 if e < 0 else e  # rounding when all values are (nearly) equal
+        m2[c] = e
+        v = e * rn
+        # (NaN fails every comparison)
+        ok = (fabs(s1) < INFINITY) & (fabs(s2) < INFINITY) & (d * d <= SHIFT_SIGMAS2 * v)
+        ok = ok & ((v >= vmin) | ((s2 == 0) & (fabs(k) >= kmin)))
+        bad[c] = 0.0 if ok else 1.0
+
+
 cdef int _stats(Ctx *ctx, double *mean, double *m2, double *var, int nthreads) noexcept nogil:
     """Per-channel mean and M2 of ctx.x (outer * inner >= 1), and var = M2 / n unless var is
     NULL (computed so that it is finite whenever the variance is, even if M2 is not).
@@ -667,43 +784,59 @@ cdef int _stats(Ctx *ctx, double *mean, double *m2, double *var, int nthreads) n
     result that pass cannot vouch for (the checks above) are recomputed by _careful_task.
     Returns -1 when out of memory."""
     cdef Py_ssize_t c, C = ctx.channels, nf = 0
-    cdef double n = <double>(ctx.outer * ctx.inner), k, s1, s2, d, v
+    cdef double n = <double>(ctx.outer * ctx.inner)
     cdef double vmin = VMIN_F32 if ctx.f32 else VMIN_F64
     cdef double kmin = KMIN_F32 if ctx.f32 else KMIN_F64
-    cdef bint ok
     cdef int rc
     cdef void *shift
     cdef Py_ssize_t *idx
+    cdef double *kd
     cdef Careful cf
-    ctx.p = _rows_partition(ctx.outer, C)
-    shift = _pilot_shift(ctx, ctx.p.m if ctx.inner == 1 else 1)
-    if shift == NULL:
-        return -1
-    idx = <Py_ssize_t *>malloc(C * sizeof(Py_ssize_t) + 1)
+    cdef Fin fin
+    cdef Py_ssize_t rep
+    cdef size_t size = sizeof(float) if ctx.f32 else sizeof(double)
+    ctx.rep = _rep(ctx.inner, ctx.f32, True)
+    rep = ctx.rep if ctx.rep > 0 else 1
+    if ctx.rep > 0:
+        ctx.p = _rows_partition(ctx.outer, C, ctx.rep)
+    idx = <Py_ssize_t *>malloc(C * (sizeof(Py_ssize_t) + 2 * sizeof(double)) + 1)
     if idx == NULL:
-        free(shift)
+        return -1
+    kd = <double *>(idx + C)  # [idx | kd | bad]
+    fin.kd = kd
+    fin.bad = kd + C
+    fin.var = var
+    fin.n = n
+    fin.vmin = vmin
+    fin.kmin = kmin
+    if ctx.rep > 0 and ctx.p.nb == 1:
+        # a few rows (16 x 25088): the tasks do it all (Fin), nothing per channel stays serial
+        shift = malloc(ctx.p.m * ctx.p.C * size + 1)
+    else:
+        shift = _pilot_shift(ctx, ctx.p.m if ctx.rep > 0 else 1, rep, kd)
+    if shift == NULL:
+        free(idx)
         return -1
     ctx.lanes = shift
-    rc = _reduce(ctx, _stats_task, mean, m2, nthreads)
-    if rc == 0:
-        for c in range(C):
-            k = (<const float *>shift)[c] if ctx.f32 else (<const double *>shift)[c]
-            s1 = mean[c]
-            s2 = m2[c]
-            d = s1 / n
-            mean[c] = k + d
-            m2[c] = s2 - s1 * d
-            if m2[c] < 0:  # rounding when all values are (nearly) equal
-                m2[c] = 0
-            v = m2[c] / n
+    if ctx.rep > 0 and ctx.p.nb == 1:
+        rc = 0
+        ctx.fin = &fin
+        ctx.r1 = mean
+        ctx.r2 = m2
+        _reduction(ctx)
+        _run(_stats_task, ctx, ctx.p.ntiles, _nthreads(nthreads, ctx.outer * C * ctx.inner))
+        ctx.fin = NULL
+    else:
+        rc = _reduce(ctx, _stats_task, mean, m2, nthreads)
+        if rc == 0:
+            _stats_finish(kd, C, n, vmin, kmin, mean, m2, fin.bad)
             if var != NULL:
-                var[c] = v
-            ok = fabs(s1) < INFINITY and fabs(s2) < INFINITY and d * d <= SHIFT_SIGMAS2 * v
-            if ok and v < vmin:
-                ok = s2 == 0 and fabs(k) >= kmin
-            if not ok:  # (NaN fails every comparison)
-                idx[nf] = c
-                nf += 1
+                for c in range(C):
+                    var[c] = m2[c] / n
+    if rc == 0 and _any_nonzero(fin.bad, C):
+        for c in range(C):  # (branch-free: idx[nf] is overwritten until a channel is bad)
+            idx[nf] = c
+            nf += <Py_ssize_t>fin.bad[c]
     ctx.lanes = NULL
     free(shift)
     if rc == 0 and nf > 0:
@@ -767,7 +900,7 @@ cdef void _rows_norm(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept n
 
 
 cdef void _norm_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
-    if ctx.inner > 1:
+    if ctx.rep == 0:
         if ctx.f32:
             _ncl_norm(<const float *>ctx.x, ctx, t)
         else:
@@ -779,39 +912,70 @@ cdef void _norm_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
             _rows_norm(<const double *>ctx.x, ctx, t)
 
 
+cdef void _spread(floating *v, Py_ssize_t C, Py_ssize_t rep) noexcept nogil:
+    # v[c*rep .. c*rep + rep) = v[c] for c = C-1 .. 0 (in place: v holds C*rep values)
+    cdef Py_ssize_t c, i
+    cdef floating u
+    c = C - 1
+    while c >= 0:
+        u = v[c]
+        for i in range(rep):
+            v[c * rep + i] = u
+        c -= 1
+
+
+cdef void _lanes_fill(const Ctx *ctx, floating *L, Py_ssize_t nparams, Py_ssize_t w,
+                     Py_ssize_t rep) noexcept nogil:
+    # The first C*rep lanes of each of the nparams rows of L (w lanes apart), see _make_lanes.
+    # One loop per parameter row, branch-free inside: one loop for all rows with the nparams
+    # and dtype tests inside did not vectorise (with the float32 range check, ~30 % of a
+    # 16 x 25088 normalize in perf).
+    cdef Py_ssize_t c, i, C = ctx.channels
+    cdef const double *mean = ctx.mean
+    cdef const double *a = ctx.a
+    cdef const double *k = ctx.k
+    cdef const double *cc = ctx.c
+    cdef floating *L1 = L + w
+    cdef floating *L2 = L + 2 * w
+    cdef floating *L3 = L + 3 * w
+    for c in range(C):
+        L[c] = <floating>mean[c]
+    if nparams == 2:
+        for c in range(C):
+            L1[c] = <floating>(mean[c] - <double>L[c])
+    elif nparams == 3:
+        for c in range(C):
+            L1[c] = <floating>a[c]
+            L2[c] = <floating>(k[c] - (mean[c] - <double>L[c]) * a[c])
+    else:
+        for c in range(C):
+            L1[c] = <floating>a[c]
+            L2[c] = <floating>k[c]
+            L3[c] = <floating>(cc[c] + k[c] * (mean[c] - <double>L[c]))
+    if rep > 1:  # spread in place, from the last channel down
+        for i in range(nparams):
+            _spread(L + i * w, C, rep)
+
+
 cdef void *_make_lanes(const Ctx *ctx, Py_ssize_t nparams, Py_ssize_t m) noexcept nogil:
-    """Per-channel parameters in the working precision, each row replicated to m*C lanes (m = 1:
-    one value per channel, for the NCL runs); mhi is the mean rounded to that precision and mlo
-    the rest (0 for float64):
+    """Per-channel parameters in the working precision, each row replicated to m*C*rep lanes
+    (rows layout: lane j of a row is channel (j % (C*rep)) // rep, rep = max(ctx.rep, 1); m = 1
+    and rep = 1: one value per channel, for the NCL runs); mhi is the mean rounded to that
+    precision and mlo the rest (0 for float64):
       nparams 2: [mhi | mlo]                  backward sums: g * ((x - mhi) - mlo)
       nparams 3: [mhi | a | k - mlo*a]        normalise: (x - mhi) * a + k
       nparams 4: [mhi | a | k | c + k*mlo]    dx: a*g - k*(x - mhi) + c
     with a, k, c = ctx.a, ctx.k, ctx.c. The corrections are formed in double, rounded once."""
-    cdef Py_ssize_t w = m * ctx.channels, c, C = ctx.channels, i, r
+    cdef Py_ssize_t rep = ctx.rep if ctx.rep > 0 else 1
+    cdef Py_ssize_t C = ctx.channels * rep, w = m * C, i, r
     cdef size_t size = sizeof(float) if ctx.f32 else sizeof(double)
     cdef char *lanes = <char *> malloc(nparams * w * size + 1)
-    cdef double v[4]
-    cdef double hi, lo
     if lanes == NULL:
         return NULL
-    for c in range(C):
-        hi = <double><float>ctx.mean[c] if ctx.f32 else ctx.mean[c]
-        lo = ctx.mean[c] - hi
-        v[0] = hi
-        if nparams == 2:
-            v[1] = lo
-        elif nparams == 3:
-            v[1] = ctx.a[c]
-            v[2] = ctx.k[c] - lo * ctx.a[c]
-        else:
-            v[1] = ctx.a[c]
-            v[2] = ctx.k[c]
-            v[3] = ctx.c[c] + ctx.k[c] * lo
-        for i in range(nparams):
-            if ctx.f32:
-                (<float *>lanes)[i * w + c] = <float>v[i]
-            else:
-                (<double *>lanes)[i * w + c] = v[i]
+    if ctx.f32:
+        _lanes_fill(ctx, <float *>lanes, nparams, w, rep)
+    else:
+        _lanes_fill(ctx, <double *>lanes, nparams, w, rep)
     # copies for the other m - 1 rows of a super-row (a modulo per lane cost ~10 ns/channel)
     for i in range(nparams):
         for r in range(1, m):
@@ -843,6 +1007,44 @@ cdef void _wide_norm(const Ctx *ctx, const Py_ssize_t *idx, Py_ssize_t nf, float
             q += I
 
 
+cdef inline bint _wide(const Ctx *ctx, Py_ssize_t c) noexcept nogil:
+    # float32: channel c's scale or shift is finite but beyond float's range (see _normalize)
+    cdef double sa = fabs(ctx.a[c])
+    cdef double lo = ctx.mean[c] - <double><float>ctx.mean[c]
+    cdef double sb = fabs(ctx.k[c] - lo * ctx.a[c])
+    return ((sa > FLT_MAX) & (sa < INFINITY)) | ((sb > FLT_MAX) & (sb < INFINITY))
+
+
+cdef bint _any_nonzero(const double *f, Py_ssize_t n) noexcept nogil:
+    # whether any of n doubles is not +0.0, as an OR of their bits (vectorises; a count of
+    # flags does not)
+    cdef const unsigned long long *u = <const unsigned long long *>f
+    cdef unsigned long long acc = 0
+    cdef Py_ssize_t j
+    for j in range(n):
+        acc |= u[j]
+    return acc != 0
+
+
+cdef bint _any_inf(const float *v, Py_ssize_t n) noexcept nogil:
+    # Whether any of n floats is +-inf, in loops that vectorise: a float32 parameter lane is
+    # inf when the channel's double is inf or NaN, or finite and _wide. (_wide channel by
+    # channel before the lanes was scalar: ~30 % of a 16 x 25088 normalize in perf.)
+    cdef float f[256]
+    cdef const unsigned int *u = <const unsigned int *>f
+    cdef unsigned int acc = 0
+    cdef Py_ssize_t c0, j, m
+    for c0 in range(0, n, 256):
+        m = min(<Py_ssize_t>256, n - c0)
+        for j in range(m):
+            f[j] = 1.0 if fabs(v[c0 + j]) > FLT_MAX else 0.0
+        for j in range(m):
+            acc |= u[j]
+        if acc:
+            return True
+    return False
+
+
 cdef int _normalize(Ctx *ctx, int nthreads) noexcept nogil:
     """ctx.out = (x - mean) * a + k per channel (then ReLU). Returns -1 when out of memory.
 
@@ -852,44 +1054,37 @@ cdef int _normalize(Ctx *ctx, int nthreads) noexcept nogil:
     buffer first (y may be x) and stored after the main pass."""
     cdef int nt = _nthreads(nthreads, ctx.outer * ctx.channels * ctx.inner)
     cdef void *lanes
-    cdef Py_ssize_t ntasks, c, nf = 0
+    cdef Py_ssize_t ntasks, c, w, nf = 0
     cdef Py_ssize_t *idx = NULL
     cdef float *tmp = NULL
-    cdef double sa, sb, lo
-    if ctx.f32:
+    ctx.rep = _rep(ctx.inner, ctx.f32, False)
+    if ctx.rep == 0:
+        lanes = _make_lanes(ctx, 3, 1)
+        ntasks = _ncl_runs(ctx, CHUNK)
+    else:
+        ctx.p = _rows_partition(ctx.outer, ctx.channels, ctx.rep)
+        lanes = _make_lanes(ctx, 3, ctx.p.m)
+        ntasks = ctx.p.nb * ctx.p.ntiles
+    if lanes == NULL:
+        return -1
+    w = ctx.p.m * ctx.p.C if ctx.rep > 0 else ctx.channels  # lanes of a parameter row
+    if ctx.f32 and _any_inf(<const float *>lanes + w, 2 * w):  # (the scale and shift rows)
         for c in range(ctx.channels):
-            sa = fabs(ctx.a[c])
-            lo = ctx.mean[c] - <double><float>ctx.mean[c]
-            sb = fabs(ctx.k[c] - lo * ctx.a[c])
-            if (sa > FLT_MAX and sa < INFINITY) or (sb > FLT_MAX and sb < INFINITY):
-                nf += 1
+            nf += _wide(ctx, c)
         if nf > 0:
             idx = <Py_ssize_t *>malloc(nf * sizeof(Py_ssize_t))
             tmp = <float *>malloc(nf * ctx.outer * ctx.inner * sizeof(float) + 1)
             if idx == NULL or tmp == NULL:
                 free(idx)
                 free(tmp)
+                free(lanes)
                 return -1
             nf = 0
             for c in range(ctx.channels):
-                sa = fabs(ctx.a[c])
-                lo = ctx.mean[c] - <double><float>ctx.mean[c]
-                sb = fabs(ctx.k[c] - lo * ctx.a[c])
-                if (sa > FLT_MAX and sa < INFINITY) or (sb > FLT_MAX and sb < INFINITY):
+                if _wide(ctx, c):
                     idx[nf] = c
                     nf += 1
             _wide_norm(ctx, idx, nf, tmp, False)
-    if ctx.inner > 1:
-        lanes = _make_lanes(ctx, 3, 1)
-        ntasks = _ncl_runs(ctx, CHUNK)
-    else:
-        ctx.p = _rows_partition(ctx.outer, ctx.channels)
-        lanes = _make_lanes(ctx, 3, ctx.p.m)
-        ntasks = ctx.p.nb * ctx.p.ntiles
-    if lanes == NULL:
-        free(idx)
-        free(tmp)
-        return -1
     ctx.lanes = lanes
     _run(_norm_task, ctx, ntasks, nt)
     free(lanes)
@@ -958,7 +1153,7 @@ cdef void _rows_bsums(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept 
 
 
 cdef void _bsums_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
-    if ctx.inner > 1:
+    if ctx.rep == 0:
         if ctx.f32:
             _ncl_bsums(<const float *>ctx.x, ctx, t)
         else:
@@ -974,12 +1169,22 @@ cdef int _bwd_sums(Ctx *ctx, double *sum_dy, double *sum_dy_xmu, int nthreads) n
     """Per channel: sum(g) and sum(g * (x - mean)), g = dy (masked by y > 0 if y)."""
     cdef void *lanes
     cdef int rc
-    ctx.p = _rows_partition(ctx.outer, ctx.channels)
-    lanes = _make_lanes(ctx, 2, ctx.p.m if ctx.inner == 1 else 1)
+    ctx.rep = _rep(ctx.inner, ctx.f32, False)
+    if ctx.rep > 0:
+        ctx.p = _rows_partition(ctx.outer, ctx.channels, ctx.rep)
+    lanes = _make_lanes(ctx, 2, ctx.p.m if ctx.rep > 0 else 1)
     if lanes == NULL:
         return -1
     ctx.lanes = lanes
-    rc = _reduce(ctx, _bsums_task, sum_dy, sum_dy_xmu, nthreads)
+    if ctx.rep > 0 and ctx.p.nb == 1:  # a few rows: each tile's sums are final (no merge)
+        rc = 0
+        ctx.r1 = sum_dy
+        ctx.r2 = sum_dy_xmu
+        _reduction(ctx)
+        _run(_bsums_task, ctx, ctx.p.ntiles,
+             _nthreads(nthreads, ctx.outer * ctx.channels * ctx.inner))
+    else:
+        rc = _reduce(ctx, _bsums_task, sum_dy, sum_dy_xmu, nthreads)
     ctx.lanes = NULL
     free(lanes)
     return rc
@@ -1034,7 +1239,7 @@ cdef void _rows_dx(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nog
 
 
 cdef void _dx_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
-    if ctx.inner > 1:
+    if ctx.rep == 0:
         if ctx.f32:
             _ncl_dx(<const float *>ctx.x, ctx, t)
         else:
@@ -1051,11 +1256,12 @@ cdef int _bwd_dx(Ctx *ctx, int nthreads) noexcept nogil:
     cdef int nt = _nthreads(nthreads, ctx.outer * ctx.channels * ctx.inner)
     cdef void *lanes
     cdef Py_ssize_t ntasks
-    if ctx.inner > 1:
+    ctx.rep = _rep(ctx.inner, ctx.f32, False)
+    if ctx.rep == 0:
         lanes = _make_lanes(ctx, 4, 1)
         ntasks = _ncl_runs(ctx, CHUNK)
     else:
-        ctx.p = _rows_partition(ctx.outer, ctx.channels)
+        ctx.p = _rows_partition(ctx.outer, ctx.channels, ctx.rep)
         lanes = _make_lanes(ctx, 4, ctx.p.m)
         ntasks = ctx.p.nb * ctx.p.ntiles
     if lanes == NULL:
@@ -1176,6 +1382,17 @@ cdef inline double _invstd(double var, double eps) noexcept nogil:
     return 1.0 / sqrt(v)
 
 
+cdef inline Py_ssize_t _rep(Py_ssize_t I, bint f32, bint stats) noexcept nogil:
+    # Ctx.rep for a pass over an (O, C, I) array: statistics read segments of up to
+    # _short_inner values as rows, the other passes those shorter than a 64-byte register
+    # (float64 segments of 8-15 values: elementwise and backward 1.1-1.8x faster as segments).
+    if I == 1:
+        return 1
+    if I <= _short_inner and (stats or I * (4 if f32 else 8) < 64):
+        return I
+    return 0
+
+
 cdef inline Ctx _ctx(bint f32, const void *x, void *out, Py_ssize_t O, Py_ssize_t C,
                      Py_ssize_t I) noexcept nogil:
     cdef Ctx ctx
@@ -1186,6 +1403,7 @@ cdef inline Ctx _ctx(bint f32, const void *x, void *out, Py_ssize_t O, Py_ssize_
     ctx.outer = O
     ctx.channels = C
     ctx.inner = I
+    ctx.rep = _rep(I, f32, True)
     return ctx
 
 
@@ -1240,16 +1458,21 @@ cdef int _dx_given(Ctx *ctx, const double *mean, const double *invstd, const dou
     cdef const void *x = ctx.x
     if buf == NULL:
         return -1
-    for c in range(C):
-        a = invstd[c] * (w[c] if w != NULL else 1.0)
-        buf[c] = a
-        if training and count > 0:
+    # loops without branches inside (C = 25088: 1/6 of a 16-row backward with them)
+    if w != NULL:
+        for c in range(C):
+            buf[c] = invstd[c] * w[c]
+    else:
+        for c in range(C):
+            buf[c] = invstd[c] * 1.0
+    if training and count > 0:
+        for c in range(C):
+            a = buf[c]
             buf[C + c] = a * invstd[c] * invstd[c] * sum_dy_xmu[c] / count
             buf[2 * C + c] = -a * sum_dy[c] / count
-        else:
-            buf[C + c] = 0
-            buf[2 * C + c] = 0
-        buf[3 * C + c] = 0
+    else:
+        memset(buf + C, 0, 2 * C * sizeof(double))
+    memset(buf + 3 * C, 0, C * sizeof(double))
     ctx.mean = mean
     if not training:
         # dx = a*g does not depend on x or the mean: read dy in x's place, about a zero mean,
