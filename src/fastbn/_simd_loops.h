@@ -887,6 +887,223 @@ static void FBN_FN(bwd_dx_rows)(const T *dy, const T *FBN_RESTRICT x, const T *F
     }
 }
 
+/* ---------------------------------------------------------------- masked statistics (issue 18)
+ * Keras's/Flax's mask=: a byte per position (nonzero = counts), shared by every channel. The
+ * statistics sum x - k over the masked-in values only; y and dx are formed everywhere. The loops
+ * below are separate functions (the plain ones are untouched): a masked-out lane is zeroed by a
+ * select after the subtraction, so a NaN or inf there (padding) never reaches a sum. */
+
+/* v with the lanes whose mask byte (m[0..N)) is 0 zeroed: the bytes widened to T's lane width,
+ * compared with 0, and-ed with v (vpmovzx + vptest + and at x86-64-v4). */
+static inline vt FBN_FN(vkeep)(vt v, const unsigned char *FBN_RESTRICT m)
+{
+#if FBN_VECTOR_EXT
+    typedef unsigned char vb __attribute__((vector_size(FBN_N)));
+    typedef __typeof__(v > v) vi;
+    vb b;
+    memcpy(&b, m, sizeof(b));
+    vi k = __builtin_convertvector(b, vi);
+    return (vt)((vi)v & (k != 0));
+#else
+    for (int j = 0; j < FBN_N; j++)
+        if (!m[j])
+            v.v[j] = 0;
+    return v;
+#endif
+}
+
+/* One segment's masked sums: t1 = sum(m ? x - kc : 0), t2 = sum(m ? (x - kc)^2 : 0), two
+ * independent register pairs per block of at most FBN_BLOCK registers summed in T, widened into
+ * double lanes per block (as fbn_sums1); the last len % N values are added in double.
+ * IN xs[len], ms[len]; OUT *t1, *t2 */
+static inline void FBN_FN(msums1)(const T *FBN_RESTRICT xs, const unsigned char *FBN_RESTRICT ms,
+                                  ptrdiff_t len, T kc, double *t1, double *t2)
+{
+    const ptrdiff_t N = FBN_N;
+    vd a1 = FBN_FN(dzero)(), a2 = FBN_FN(dzero)();
+    ptrdiff_t i = 0;
+    while (i + N <= len) {
+        vt p1 = FBN_FN(vzero)(), p2 = p1, q1 = p1, q2 = p1, v, w;
+        int q = 0;
+        for (; q + 2 <= FBN_BLOCK && i + 2 * N <= len; q += 2, i += 2 * N) {
+            v = FBN_FN(vkeep)(FBN_FN(vsubs)(FBN_FN(vload)(xs + i), kc), ms + i);
+            w = FBN_FN(vkeep)(FBN_FN(vsubs)(FBN_FN(vload)(xs + i + N), kc), ms + i + N);
+            p1 = FBN_FN(vadd)(p1, v);
+            p2 = FBN_FN(vmadd)(p2, v, v);
+            q1 = FBN_FN(vadd)(q1, w);
+            q2 = FBN_FN(vmadd)(q2, w, w);
+        }
+        if (q < FBN_BLOCK && i + N <= len) {
+            v = FBN_FN(vkeep)(FBN_FN(vsubs)(FBN_FN(vload)(xs + i), kc), ms + i);
+            p1 = FBN_FN(vadd)(p1, v);
+            p2 = FBN_FN(vmadd)(p2, v, v);
+            i += N;
+        }
+        a1 = FBN_FN(dadd)(a1, FBN_FN(widen)(FBN_FN(vadd)(p1, q1)));
+        a2 = FBN_FN(dadd)(a2, FBN_FN(widen)(FBN_FN(vadd)(p2, q2)));
+    }
+    double r1 = FBN_FN(sumd)(a1), r2 = FBN_FN(sumd)(a2);
+    for (; i < len; i++)
+        if (ms[i]) {
+            double d = (double)xs[i] - (double)kc;
+            r1 += d;
+            r2 += d * d;
+        }
+    *t1 = r1;
+    *t2 = r2;
+}
+
+/* fbn_sums over the masked-in values: nseg segments of len values in memory order, segment s of
+ * channel c = (c0 + s) % C (slot c when by_channel, else s); the segments of one outer index
+ * share one mask row, and the next row (mstride bytes on) starts where c wraps to 0.
+ * IN x, mk (the first segment's mask), k[C]; INOUT s1, s2 */
+static void FBN_FN(msums)(const T *FBN_RESTRICT x, const unsigned char *FBN_RESTRICT mk,
+                          ptrdiff_t nseg, ptrdiff_t len, ptrdiff_t c0, ptrdiff_t C,
+                          ptrdiff_t mstride, const T *FBN_RESTRICT k, int by_channel,
+                          double *FBN_RESTRICT s1, double *FBN_RESTRICT s2)
+{
+    ptrdiff_t c = c0;
+    for (ptrdiff_t s = 0; s < nseg; s++) {
+        double t1, t2;
+        FBN_FN(msums1)(x + s * len, mk, len, k[c], &t1, &t2);
+        s1[by_channel ? c : s] += t1;
+        s2[by_channel ? c : s] += t2;
+        if (++c == C) {
+            c = 0;
+            mk += mstride;
+        }
+    }
+}
+
+/* Masked rows of a channels-last block: a1[j] += x[r, j] - k[j], a2[j] += (x[r, j] - k[j])^2
+ * for the rows r with mk[r] != 0 (a byte per row), FBN_ROWS of them per pass summed in T as in
+ * fbn_sums_rows (the masked-in rows gathered by pointer: masked-out rows are never read); the
+ * last fewer than FBN_ROWS rows one at a time in double.
+ * IN x (nrows rows of `width` values, `stride` apart), mk[nrows], k[width];
+ * INOUT a1[width], a2[width] */
+static void FBN_FN(msums_rows)(const T *FBN_RESTRICT x, const unsigned char *FBN_RESTRICT mk,
+                               ptrdiff_t nrows, ptrdiff_t stride, ptrdiff_t width,
+                               const T *FBN_RESTRICT k, double *FBN_RESTRICT a1,
+                               double *FBN_RESTRICT a2)
+{
+    const T *rp[FBN_ROWS];
+    ptrdiff_t r = 0;
+    for (;;) {
+        int nq = 0;
+        for (; r < nrows && nq < FBN_ROWS; r++)
+            if (mk[r])
+                rp[nq++] = x + r * stride;
+        if (nq < FBN_ROWS) {
+            for (int q = 0; q < nq; q++) {
+                const T *xr = rp[q];
+                FBN_SIMD
+                for (ptrdiff_t j = 0; j < width; j++) {
+                    double d = (double)xr[j] - (double)k[j];
+                    a1[j] += d;
+                    a2[j] += d * d;
+                }
+            }
+            return;
+        }
+        const T *FBN_RESTRICT r0 = rp[0], *FBN_RESTRICT r1 = rp[1], *FBN_RESTRICT r2 = rp[2];
+        const T *FBN_RESTRICT r3 = rp[3], *FBN_RESTRICT r4 = rp[4], *FBN_RESTRICT r5 = rp[5];
+        const T *FBN_RESTRICT r6 = rp[6], *FBN_RESTRICT r7 = rp[7];
+        FBN_SIMD
+        for (ptrdiff_t j = 0; j < width; j++) {
+            T kj = k[j], d, s1, s2;
+            d = r0[j] - kj; s1 = d; s2 = d * d;
+            d = r1[j] - kj; s1 += d; s2 += d * d;
+            d = r2[j] - kj; s1 += d; s2 += d * d;
+            d = r3[j] - kj; s1 += d; s2 += d * d;
+            d = r4[j] - kj; s1 += d; s2 += d * d;
+            d = r5[j] - kj; s1 += d; s2 += d * d;
+            d = r6[j] - kj; s1 += d; s2 += d * d;
+            d = r7[j] - kj; s1 += d; s2 += d * d;
+            a1[j] += s1;
+            a2[j] += s2;
+        }
+    }
+}
+#if FBN_ROWS != 8
+#error "fbn_msums_rows unrolls FBN_ROWS = 8 rows"
+#endif
+
+/* Masked dx: dx = a*g - k*(x - mhi) + c where the position's mask byte is nonzero, a*g where it
+ * is 0 (the mean and variance do not depend on a masked-out x; y there still depends on them,
+ * which is what sum_dy and sum_dy_xmu, taken over every position, carry). g as in fbn_bwd_dx.
+ * Segments and mask rows as in fbn_msums. IN dy, x, y (or NULL), mk, mhi/a/k/c[C];
+ * OUT dx (may alias dy) */
+static void FBN_FN(mbwd_dx)(const T *dy, const T *FBN_RESTRICT x, const T *FBN_RESTRICT y,
+                            const unsigned char *FBN_RESTRICT mk, T *dx, ptrdiff_t nseg,
+                            ptrdiff_t len, ptrdiff_t c0, ptrdiff_t C, ptrdiff_t mstride,
+                            const T *FBN_RESTRICT mhi, const T *FBN_RESTRICT a,
+                            const T *FBN_RESTRICT k, const T *FBN_RESTRICT c)
+{
+    ptrdiff_t ch = c0;
+    for (ptrdiff_t s = 0; s < nseg; s++) {
+        const T *gs = dy + s * len, *xs = x + s * len;
+        T *ds = dx + s * len;
+        const T h = mhi[ch], m = a[ch], q = k[ch], o = c[ch];
+        if (y) {
+            const T *ys = y + s * len;
+            FBN_SIMD
+            for (ptrdiff_t i = 0; i < len; i++) {
+                T d = gs[i], g = ys[i] > 0 ? d : (T)0;
+                T full = m * g - q * (xs[i] - h) + o;
+                ds[i] = mk[i] ? full : m * g;
+            }
+        } else {
+            FBN_SIMD
+            for (ptrdiff_t i = 0; i < len; i++) {
+                T g = gs[i];
+                T full = m * g - q * (xs[i] - h) + o;
+                ds[i] = mk[i] ? full : m * g;
+            }
+        }
+        if (++ch == C) {
+            ch = 0;
+            mk += mstride;
+        }
+    }
+}
+
+/* Masked dx on rows of a channels-last block, a mask byte per row (see fbn_mbwd_dx).
+ * IN dy, x, y (or NULL), mk[nrows], mhi/a/k/c[width]; OUT dx (may alias dy) */
+static void FBN_FN(mbwd_dx_rows)(const T *dy, const T *FBN_RESTRICT x, const T *FBN_RESTRICT y,
+                                 const unsigned char *FBN_RESTRICT mk, T *dx, ptrdiff_t nrows,
+                                 ptrdiff_t stride, ptrdiff_t width, const T *FBN_RESTRICT mhi,
+                                 const T *FBN_RESTRICT a, const T *FBN_RESTRICT k,
+                                 const T *FBN_RESTRICT c)
+{
+    for (ptrdiff_t r = 0; r < nrows; r++) {
+        const T *dyr = dy + r * stride, *xr = x + r * stride, *yr = y ? y + r * stride : NULL;
+        T *dxr = dx + r * stride;
+        if (!mk[r]) {
+            if (yr) {
+                FBN_SIMD
+                for (ptrdiff_t j = 0; j < width; j++) {
+                    T d = dyr[j], g = yr[j] > 0 ? d : (T)0;
+                    dxr[j] = a[j] * g;
+                }
+            } else {
+                FBN_SIMD
+                for (ptrdiff_t j = 0; j < width; j++)
+                    dxr[j] = a[j] * dyr[j];
+            }
+        } else if (yr) {
+            FBN_SIMD
+            for (ptrdiff_t j = 0; j < width; j++) {
+                T d = dyr[j], g = yr[j] > 0 ? d : (T)0;
+                dxr[j] = a[j] * g - k[j] * (xr[j] - mhi[j]) + c[j];
+            }
+        } else {
+            FBN_SIMD
+            for (ptrdiff_t j = 0; j < width; j++)
+                dxr[j] = a[j] * dyr[j] - k[j] * (xr[j] - mhi[j]) + c[j];
+        }
+    }
+}
+
 #if FBN_TF
 /* The read-only bandwidth probe at this level (stream_read): the 64-bit words of n bytes
  * (n a multiple of 8) summed in four register-wide accumulators. */
