@@ -893,17 +893,28 @@ static void FBN_FN(bwd_dx_rows)(const T *dy, const T *FBN_RESTRICT x, const T *F
  * below are separate functions (the plain ones are untouched): a masked-out lane is zeroed by a
  * select after the subtraction, so a NaN or inf there (padding) never reaches a sum. */
 
-/* v with the lanes whose mask byte (m[0..N)) is 0 zeroed: the bytes widened to T's lane width,
- * compared with 0, and-ed with v (vpmovzx + vptest + and at x86-64-v4). */
+/* v with the lanes whose mask byte (m[0..N)) is 0 zeroed: the bytes compared with 0 (0 / -1),
+ * sign-extended to T's lane width, and-ed with v: vpcmpeqb + vpmovsx + vpand at x86-64-v3/v4;
+ * SSE2 has no vpmovsx, so there each byte is replicated by a shuffle (punpckl). Converting the
+ * bytes before comparing them was scalarised by GCC 12 (~60 instructions a register). */
 static inline vt FBN_FN(vkeep)(vt v, const unsigned char *FBN_RESTRICT m)
 {
 #if FBN_VECTOR_EXT
-    typedef unsigned char vb __attribute__((vector_size(FBN_N)));
+    typedef unsigned char vbu __attribute__((vector_size(FBN_N), aligned(1)));
     typedef __typeof__(v > v) vi;
-    vb b;
-    memcpy(&b, m, sizeof(b));
+    __typeof__(*(const vbu *)m != 0) b = *(const vbu *)m != 0;
+#if FBN_VB == 16
+    typedef signed char v16 __attribute__((vector_size(16)));
+#if FBN_TF
+    v16 r = __builtin_shufflevector(b, b, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+#else
+    v16 r = __builtin_shufflevector(b, b, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+#endif
+    vi k = (vi)r;
+#else
     vi k = __builtin_convertvector(b, vi);
-    return (vt)((vi)v & (k != 0));
+#endif
+    return (vt)((vi)v & k);
 #else
     for (int j = 0; j < FBN_N; j++)
         if (!m[j])
@@ -912,50 +923,139 @@ static inline vt FBN_FN(vkeep)(vt v, const unsigned char *FBN_RESTRICT m)
 #endif
 }
 
+/* A mask row widened to T's lane width (0 or -1 per value): the segments of one outer index
+ * share their mask row, so widening it once per row and reading it back with one and per
+ * register costs less than widening the bytes in every segment (7x7 maps: 512 channels share a
+ * row of 49 bytes). Rows up to FBN_MEXP values are widened (8 or 16 KB on the stack); longer
+ * segments stream from memory and widen as they go. */
+#if FBN_TF
+typedef int32_t FBN_FN(mi);
+#else
+typedef int64_t FBN_FN(mi);
+#endif
+#define FBN_MEXP 2048
+static inline vt FBN_FN(vkeepl)(vt v, const FBN_FN(mi) *FBN_RESTRICT l)
+{
+#if FBN_VECTOR_EXT
+    __typeof__(v > v) k;
+    memcpy(&k, l, sizeof(k));
+    return (vt)((__typeof__(v > v))v & k);
+#else
+    for (int j = 0; j < FBN_N; j++)
+        if (!l[j])
+            v.v[j] = 0;
+    return v;
+#endif
+}
+/* the widened row: l[i] = -1 where m[i] != 0, else 0 */
+static inline void FBN_FN(widen_mask)(const unsigned char *FBN_RESTRICT m, ptrdiff_t len,
+                                      FBN_FN(mi) *FBN_RESTRICT l)
+{
+    FBN_SIMD
+    for (ptrdiff_t i = 0; i < len; i++)
+        l[i] = -(FBN_FN(mi))(m[i] != 0);
+}
+
 /* One segment's masked sums: t1 = sum(m ? x - kc : 0), t2 = sum(m ? (x - kc)^2 : 0), two
  * independent register pairs per block of at most FBN_BLOCK registers summed in T, widened into
- * double lanes per block (as fbn_sums1); the last len % N values are added in double.
+ * double lanes per block (as fbn_sums1); the last len % N values as one overlapping register
+ * (a scalar tail with a branch per mask byte had cost 1.5x on 7x7 maps), and a segment shorter
+ * than a register in double.
  * IN xs[len], ms[len]; OUT *t1, *t2 */
 static inline void FBN_FN(msums1)(const T *FBN_RESTRICT xs, const unsigned char *FBN_RESTRICT ms,
-                                  ptrdiff_t len, T kc, double *t1, double *t2)
+                                  const FBN_FN(mi) *FBN_RESTRICT ml, ptrdiff_t len, T kc,
+                                  double *t1, double *t2)
 {
+    /* the mask: ml (a widened row) when given, else the bytes ms */
+#define FBN_KEEP(v, off) (ml ? FBN_FN(vkeepl)((v), ml + (off)) : FBN_FN(vkeep)((v), ms + (off)))
     const ptrdiff_t N = FBN_N;
     vd a1 = FBN_FN(dzero)(), a2 = FBN_FN(dzero)();
     ptrdiff_t i = 0;
-    while (i + N <= len) {
+    while (i < len && len >= N) {
         vt p1 = FBN_FN(vzero)(), p2 = p1, q1 = p1, q2 = p1, v, w;
         int q = 0;
         for (; q + 2 <= FBN_BLOCK && i + 2 * N <= len; q += 2, i += 2 * N) {
-            v = FBN_FN(vkeep)(FBN_FN(vsubs)(FBN_FN(vload)(xs + i), kc), ms + i);
-            w = FBN_FN(vkeep)(FBN_FN(vsubs)(FBN_FN(vload)(xs + i + N), kc), ms + i + N);
+            v = FBN_KEEP(FBN_FN(vsubs)(FBN_FN(vload)(xs + i), kc), i);
+            w = FBN_KEEP(FBN_FN(vsubs)(FBN_FN(vload)(xs + i + N), kc), i + N);
             p1 = FBN_FN(vadd)(p1, v);
             p2 = FBN_FN(vmadd)(p2, v, v);
             q1 = FBN_FN(vadd)(q1, w);
             q2 = FBN_FN(vmadd)(q2, w, w);
         }
         if (q < FBN_BLOCK && i + N <= len) {
-            v = FBN_FN(vkeep)(FBN_FN(vsubs)(FBN_FN(vload)(xs + i), kc), ms + i);
+            v = FBN_KEEP(FBN_FN(vsubs)(FBN_FN(vload)(xs + i), kc), i);
             p1 = FBN_FN(vadd)(p1, v);
             p2 = FBN_FN(vmadd)(p2, v, v);
+            q++;
             i += N;
+        }
+        if (q < FBN_BLOCK && i < len && len >= N) {
+            /* the last len - i values: the segment's last register, its first lanes (already
+             * summed) dropped, as fbn_vtail */
+            w = FBN_KEEP(FBN_FN(vsubs)(FBN_FN(vload)(xs + len - N), kc), len - N);
+            w = FBN_FN(vdrop)(w, (int)(N - (len - i)));
+            q1 = FBN_FN(vadd)(q1, w);
+            q2 = FBN_FN(vmadd)(q2, w, w);
+            i = len;
         }
         a1 = FBN_FN(dadd)(a1, FBN_FN(widen)(FBN_FN(vadd)(p1, q1)));
         a2 = FBN_FN(dadd)(a2, FBN_FN(widen)(FBN_FN(vadd)(p2, q2)));
     }
     double r1 = FBN_FN(sumd)(a1), r2 = FBN_FN(sumd)(a2);
-    for (; i < len; i++)
-        if (ms[i]) {
-            double d = (double)xs[i] - (double)kc;
-            r1 += d;
-            r2 += d * d;
-        }
+    for (; i < len; i++) { /* a segment shorter than a register: branch-free selects */
+        double d = (ml ? ml[i] : ms[i]) ? (double)xs[i] - (double)kc : 0.0;
+        r1 += d;
+        r2 += d * d;
+    }
+#undef FBN_KEEP
     *t1 = r1;
     *t2 = r2;
 }
 
+/* Four consecutive segments of N <= len <= FBN_BLOCK * N values (one block) sharing the
+ * widened mask row ml, summed side by side (four independent chains per sum) and folded
+ * together by fold8t, as fbn_sums does for short segments: a fold per segment (widen + sumd)
+ * had been half the instructions of a 7x7 map. IN xs (4 * len values), ml[len], k[4];
+ * OUT t1[4], t2[4] */
+static inline void FBN_FN(msums4)(const T *FBN_RESTRICT xs, const FBN_FN(mi) *FBN_RESTRICT ml,
+                                  ptrdiff_t len, const T *FBN_RESTRICT k, double *t1,
+                                  double *t2)
+{
+    const ptrdiff_t N = FBN_N;
+    const T *x0 = xs, *x1 = xs + len, *x2 = xs + 2 * len, *x3 = xs + 3 * len;
+    const T k0 = k[0], k1 = k[1], k2 = k[2], k3 = k[3];
+    vt p0 = FBN_FN(vzero)(), p1 = p0, p2 = p0, p3 = p0, q0 = p0, q1 = p0, q2 = p0, q3 = p0;
+    vt v0, v1, v2, v3;
+#define FBN_MSTEP(off, drop)                                                                     \
+    do {                                                                                         \
+        v0 = FBN_FN(vkeepl)(FBN_FN(vsubs)(FBN_FN(vload)(x0 + (off)), k0), ml + (off));           \
+        v1 = FBN_FN(vkeepl)(FBN_FN(vsubs)(FBN_FN(vload)(x1 + (off)), k1), ml + (off));           \
+        v2 = FBN_FN(vkeepl)(FBN_FN(vsubs)(FBN_FN(vload)(x2 + (off)), k2), ml + (off));           \
+        v3 = FBN_FN(vkeepl)(FBN_FN(vsubs)(FBN_FN(vload)(x3 + (off)), k3), ml + (off));           \
+        if (drop) {                                                                              \
+            v0 = FBN_FN(vdrop)(v0, (drop)); v1 = FBN_FN(vdrop)(v1, (drop));                      \
+            v2 = FBN_FN(vdrop)(v2, (drop)); v3 = FBN_FN(vdrop)(v3, (drop));                      \
+        }                                                                                        \
+        p0 = FBN_FN(vadd)(p0, v0); q0 = FBN_FN(vmadd)(q0, v0, v0);                               \
+        p1 = FBN_FN(vadd)(p1, v1); q1 = FBN_FN(vmadd)(q1, v1, v1);                               \
+        p2 = FBN_FN(vadd)(p2, v2); q2 = FBN_FN(vmadd)(q2, v2, v2);                               \
+        p3 = FBN_FN(vadd)(p3, v3); q3 = FBN_FN(vmadd)(q3, v3, v3);                               \
+    } while (0)
+    ptrdiff_t i = 0;
+    for (; i + N <= len; i += N)
+        FBN_MSTEP(i, 0);
+    if (i < len) /* the last len - i values: the segments' last registers, lanes dropped */
+        FBN_MSTEP(len - N, (int)(N - (len - i)));
+#undef FBN_MSTEP
+    FBN_FN(fold8t)(p0, p1, p2, p3, q0, q1, q2, q3, t1, t2);
+}
+
 /* fbn_sums over the masked-in values: nseg segments of len values in memory order, segment s of
  * channel c = (c0 + s) % C (slot c when by_channel, else s); the segments of one outer index
- * share one mask row, and the next row (mstride bytes on) starts where c wraps to 0.
+ * share one mask row, and the next row (mstride bytes on) starts where c wraps to 0. Rows of
+ * up to FBN_MEXP values are widened once (widen_mask) and one-block segments go four at a time
+ * (msums4) where four remain in the row; the grouping depends only on the run's place in the
+ * shape, never on the thread count.
  * IN x, mk (the first segment's mask), k[C]; INOUT s1, s2 */
 static void FBN_FN(msums)(const T *FBN_RESTRICT x, const unsigned char *FBN_RESTRICT mk,
                           ptrdiff_t nseg, ptrdiff_t len, ptrdiff_t c0, ptrdiff_t C,
@@ -963,9 +1063,44 @@ static void FBN_FN(msums)(const T *FBN_RESTRICT x, const unsigned char *FBN_REST
                           double *FBN_RESTRICT s1, double *FBN_RESTRICT s2)
 {
     ptrdiff_t c = c0;
+    if (len <= FBN_MEXP && nseg > 1) {
+        FBN_FN(mi) lm[FBN_MEXP];
+        const int grouped = len >= FBN_N && len <= FBN_BLOCK * FBN_N;
+        int fresh = 1;
+        ptrdiff_t s = 0;
+        while (s < nseg) {
+            double t1[4], t2[4];
+            if (fresh)
+                FBN_FN(widen_mask)(mk, len, lm);
+            if (grouped && s + 4 <= nseg && c + 4 <= C) {
+                /* four one-block segments of one mask row side by side, folded together */
+                FBN_FN(msums4)(x + s * len, lm, len, k + c, t1, t2);
+                if (by_channel) {
+                    ptrdiff_t cg[4] = {c, c + 1, c + 2, c + 3};
+                    FBN_FN(store4)(s1, s2, cg, s, 4, t1, t2);
+                } else {
+                    FBN_FN(store4)(s1, s2, NULL, s, 4, t1, t2);
+                }
+                s += 4;
+                c += 4;
+            } else {
+                FBN_FN(msums1)(x + s * len, NULL, lm, len, k[c], t1, t2);
+                s1[by_channel ? c : s] += t1[0];
+                s2[by_channel ? c : s] += t2[0];
+                s++;
+                c++;
+            }
+            fresh = c == C;
+            if (fresh) {
+                c = 0;
+                mk += mstride;
+            }
+        }
+        return;
+    }
     for (ptrdiff_t s = 0; s < nseg; s++) {
         double t1, t2;
-        FBN_FN(msums1)(x + s * len, mk, len, k[c], &t1, &t2);
+        FBN_FN(msums1)(x + s * len, mk, NULL, len, k[c], &t1, &t2);
         s1[by_channel ? c : s] += t1;
         s2[by_channel ? c : s] += t2;
         if (++c == C) {
@@ -976,9 +1111,12 @@ static void FBN_FN(msums)(const T *FBN_RESTRICT x, const unsigned char *FBN_REST
 }
 
 /* Masked rows of a channels-last block: a1[j] += x[r, j] - k[j], a2[j] += (x[r, j] - k[j])^2
- * for the rows r with mk[r] != 0 (a byte per row), FBN_ROWS of them per pass summed in T as in
- * fbn_sums_rows (the masked-in rows gathered by pointer: masked-out rows are never read); the
- * last fewer than FBN_ROWS rows one at a time in double.
+ * for the rows r with mk[r] != 0 (a byte per row), FBN_ROWS consecutive rows per pass summed
+ * in T as in fbn_sums_rows, each row's values selected by its mask byte (a broadcast compare
+ * and a blend, or a zeroing mask at x86-64-v4). Every row is read, in memory order: reading
+ * only the masked-in rows (gathered by pointer) was 2x slower from DRAM on (100352, 64), the
+ * gaps breaking the prefetchers' streams; gathering rows until FBN_ROWS were found had also
+ * mispredicted once per pass. The last nrows % FBN_ROWS rows one at a time in double.
  * IN x (nrows rows of `width` values, `stride` apart), mk[nrows], k[width];
  * INOUT a1[width], a2[width] */
 static void FBN_FN(msums_rows)(const T *FBN_RESTRICT x, const unsigned char *FBN_RESTRICT mk,
@@ -986,41 +1124,42 @@ static void FBN_FN(msums_rows)(const T *FBN_RESTRICT x, const unsigned char *FBN
                                const T *FBN_RESTRICT k, double *FBN_RESTRICT a1,
                                double *FBN_RESTRICT a2)
 {
-    const T *rp[FBN_ROWS];
     ptrdiff_t r = 0;
-    for (;;) {
-        int nq = 0;
-        for (; r < nrows && nq < FBN_ROWS; r++)
-            if (mk[r])
-                rp[nq++] = x + r * stride;
-        if (nq < FBN_ROWS) {
-            for (int q = 0; q < nq; q++) {
-                const T *xr = rp[q];
-                FBN_SIMD
-                for (ptrdiff_t j = 0; j < width; j++) {
-                    double d = (double)xr[j] - (double)k[j];
-                    a1[j] += d;
-                    a2[j] += d * d;
-                }
-            }
-            return;
-        }
-        const T *FBN_RESTRICT r0 = rp[0], *FBN_RESTRICT r1 = rp[1], *FBN_RESTRICT r2 = rp[2];
-        const T *FBN_RESTRICT r3 = rp[3], *FBN_RESTRICT r4 = rp[4], *FBN_RESTRICT r5 = rp[5];
-        const T *FBN_RESTRICT r6 = rp[6], *FBN_RESTRICT r7 = rp[7];
+    for (; r + FBN_ROWS <= nrows; r += FBN_ROWS) {
+        const T *xr = x + r * stride;
+        const unsigned char *m = mk + r;
+        if (!(m[0] | m[1] | m[2] | m[3] | m[4] | m[5] | m[6] | m[7]))
+            continue;
+        const int m0 = m[0] != 0, m1 = m[1] != 0, m2 = m[2] != 0, m3 = m[3] != 0;
+        const int m4 = m[4] != 0, m5 = m[5] != 0, m6 = m[6] != 0, m7 = m[7] != 0;
         FBN_SIMD
         for (ptrdiff_t j = 0; j < width; j++) {
             T kj = k[j], d, s1, s2;
-            d = r0[j] - kj; s1 = d; s2 = d * d;
-            d = r1[j] - kj; s1 += d; s2 += d * d;
-            d = r2[j] - kj; s1 += d; s2 += d * d;
-            d = r3[j] - kj; s1 += d; s2 += d * d;
-            d = r4[j] - kj; s1 += d; s2 += d * d;
-            d = r5[j] - kj; s1 += d; s2 += d * d;
-            d = r6[j] - kj; s1 += d; s2 += d * d;
-            d = r7[j] - kj; s1 += d; s2 += d * d;
+#define FBN_MROW(q, mq)                                                                          \
+    d = xr[(q) * stride + j] - kj;                                                               \
+    d = mq ? d : (T)0;
+            FBN_MROW(0, m0) s1 = d; s2 = d * d;
+            FBN_MROW(1, m1) s1 += d; s2 += d * d;
+            FBN_MROW(2, m2) s1 += d; s2 += d * d;
+            FBN_MROW(3, m3) s1 += d; s2 += d * d;
+            FBN_MROW(4, m4) s1 += d; s2 += d * d;
+            FBN_MROW(5, m5) s1 += d; s2 += d * d;
+            FBN_MROW(6, m6) s1 += d; s2 += d * d;
+            FBN_MROW(7, m7) s1 += d; s2 += d * d;
+#undef FBN_MROW
             a1[j] += s1;
             a2[j] += s2;
+        }
+    }
+    for (; r < nrows; r++) {
+        if (!mk[r])
+            continue;
+        const T *xr = x + r * stride;
+        FBN_SIMD
+        for (ptrdiff_t j = 0; j < width; j++) {
+            double d = (double)xr[j] - (double)k[j];
+            a1[j] += d;
+            a2[j] += d * d;
         }
     }
 }
