@@ -32,6 +32,13 @@ def backward_dx(dy: _F, x: _F, y: _F | None, dx: _F, O: int, C: int, I: int, mea
                 training: bool, nthreads: int) -> None: ...
 def backward(dy: _F, x: _F, y: _F | None, dx: _F, O: int, C: int, I: int, mean: _D, invstd: _D,
              weight: _D | None, training: bool, sums: _D, nthreads: int) -> None: ...
+# Masked statistics (mask=): mask is a C-contiguous uint8 array of outer * inner bytes (nonzero =
+# the position counts), shared by all channels. Both return the mask's count of set bytes.
+def masked_channel_stats(x: _F, mask: NDArray[np.uint8], O: int, C: int, I: int, out: _D,
+                         nthreads: int) -> int: ...  # out = [mean | M2 | flag], 3*C
+def masked_backward(dy: _F, x: _F, y: _F | None, mask: NDArray[np.uint8], dx: _F, O: int,
+                    C: int, I: int, mean: _D, invstd: _D, weight: _D | None, sums: _D,
+                    nthreads: int) -> int: ...
 def stream_copy(src: NDArray[np.uint8], dst: NDArray[np.uint8], nthreads: int) -> None: ...  # uint8 ndarrays
 def stream_read(src: NDArray[np.uint8], nthreads: int) -> int: ...
 def update_running(running_mean: NDArray[np.floating] | None,
