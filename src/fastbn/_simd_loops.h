@@ -893,47 +893,20 @@ static void FBN_FN(bwd_dx_rows)(const T *dy, const T *FBN_RESTRICT x, const T *F
  * below are separate functions (the plain ones are untouched): a masked-out lane is zeroed by a
  * select after the subtraction, so a NaN or inf there (padding) never reaches a sum. */
 
-/* v with the lanes whose mask byte (m[0..N)) is 0 zeroed: the bytes compared with 0 (0 / -1),
- * sign-extended to T's lane width, and-ed with v: vpcmpeqb + vpmovsx + vpand at x86-64-v3/v4;
- * SSE2 has no vpmovsx, so there each byte is replicated by a shuffle (punpckl). Converting the
- * bytes before comparing them was scalarised by GCC 12 (~60 instructions a register). */
-static inline vt FBN_FN(vkeep)(vt v, const unsigned char *FBN_RESTRICT m)
-{
-#if FBN_VECTOR_EXT
-    typedef unsigned char vbu __attribute__((vector_size(FBN_N), aligned(1)));
-    typedef __typeof__(v > v) vi;
-    __typeof__(*(const vbu *)m != 0) b = *(const vbu *)m != 0;
-#if FBN_VB == 16
-    typedef signed char v16 __attribute__((vector_size(16)));
-#if FBN_TF
-    v16 r = __builtin_shufflevector(b, b, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-#else
-    v16 r = __builtin_shufflevector(b, b, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-#endif
-    vi k = (vi)r;
-#else
-    vi k = __builtin_convertvector(b, vi);
-#endif
-    return (vt)((vi)v & k);
-#else
-    for (int j = 0; j < FBN_N; j++)
-        if (!m[j])
-            v.v[j] = 0;
-    return v;
-#endif
-}
-
-/* A mask row widened to T's lane width (0 or -1 per value): the segments of one outer index
- * share their mask row, so widening it once per row and reading it back with one and per
- * register costs less than widening the bytes in every segment (7x7 maps: 512 channels share a
- * row of 49 bytes). Rows up to FBN_MEXP values are widened (8 or 16 KB on the stack); longer
- * segments stream from memory and widen as they go. */
+/* The loops read the mask widened to T's lane width (0 or -1 per value, widen_mask), one and
+ * per register (vkeepl). The segments of one outer index share their mask row, so a row of up
+ * to FBN_MEXP values is widened once for all of them (7x7 maps: 512 channels share a row of 49
+ * bytes); a longer segment is taken FBN_MEXP values at a time, each chunk's mask widened as it
+ * comes (8 or 16 KB on the stack). Widening the bytes inside the loops instead cost an extra
+ * compare and sign-extension per register at x86-64-v3/v4, and at baseline (SSE2: no pmovsx)
+ * 13x the plain statistics' time on 3136-value segments; GCC 12 had scalarised a
+ * convert-then-compare of the bytes at every level. */
 #if FBN_TF
 typedef int32_t FBN_FN(mi);
 #else
 typedef int64_t FBN_FN(mi);
 #endif
-#define FBN_MEXP 2048
+#define FBN_MEXP 4096
 static inline vt FBN_FN(vkeepl)(vt v, const FBN_FN(mi) *FBN_RESTRICT l)
 {
 #if FBN_VECTOR_EXT
@@ -947,6 +920,31 @@ static inline vt FBN_FN(vkeepl)(vt v, const FBN_FN(mi) *FBN_RESTRICT l)
     return v;
 #endif
 }
+#if FBN_VECTOR_EXT && FBN_VB >= 32
+/* v with the lanes whose mask byte (m[0..N)) is 0 zeroed, widening as it goes: the bytes
+ * compared with 0, then sign-extended (vpcmpeqb + vpmovsx + vpand), for segments too long to
+ * widen once per row, at the levels that have vpmovsx (SSE2 widens chunk by chunk instead:
+ * shuffles per register cost it 13x the plain time; comparing after converting the bytes was
+ * scalarised by GCC 12 at every level). */
+#define FBN_BYTE_KEEP 1
+static inline vt FBN_FN(vkeep)(vt v, const unsigned char *FBN_RESTRICT m)
+{
+    typedef unsigned char vbu __attribute__((vector_size(FBN_N), aligned(1)));
+    typedef __typeof__(v > v) vi;
+    vi k = __builtin_convertvector(*(const vbu *)m != 0, vi);
+    return (vt)((vi)v & k);
+}
+#else
+#define FBN_BYTE_KEEP 0
+#endif
+/* Whether segments of len values read a row widened once (else bytes, or chunks): at the
+ * levels with FBN_BYTE_KEEP only rows that stay in L1 beside the data (8 KB: a 3136-value
+ * float64 row of 25 KB was 1.5x slower than the bytes). */
+#if FBN_BYTE_KEEP
+#define FBN_WIDE_ROWS(len) ((len) * (ptrdiff_t)sizeof(T) <= 8192)
+#else
+#define FBN_WIDE_ROWS(len) ((len) <= FBN_MEXP)
+#endif
 /* the widened row: l[i] = -1 where m[i] != 0, else 0 */
 static inline void FBN_FN(widen_mask)(const unsigned char *FBN_RESTRICT m, ptrdiff_t len,
                                       FBN_FN(mi) *FBN_RESTRICT l)
@@ -961,19 +959,40 @@ static inline void FBN_FN(widen_mask)(const unsigned char *FBN_RESTRICT m, ptrdi
  * double lanes per block (as fbn_sums1); the last len % N values as one overlapping register
  * (a scalar tail with a branch per mask byte had cost 1.5x on 7x7 maps), and a segment shorter
  * than a register in double.
- * IN xs[len], ms[len]; OUT *t1, *t2 */
+ * IN xs[len], ml[len] (the widened mask) or ms[len] (bytes); OUT *t1, *t2 */
 static inline void FBN_FN(msums1)(const T *FBN_RESTRICT xs, const unsigned char *FBN_RESTRICT ms,
                                   const FBN_FN(mi) *FBN_RESTRICT ml, ptrdiff_t len, T kc,
                                   double *t1, double *t2)
 {
-    /* the mask: ml (a widened row) when given, else the bytes ms */
+    /* the mask: ml (widened) when given, else the bytes ms (only where FBN_BYTE_KEEP) */
+#if FBN_BYTE_KEEP
 #define FBN_KEEP(v, off) (ml ? FBN_FN(vkeepl)((v), ml + (off)) : FBN_FN(vkeep)((v), ms + (off)))
+#else
+#define FBN_KEEP(v, off) FBN_FN(vkeepl)((v), ml + (off))
+    (void)ms;
+#endif
     const ptrdiff_t N = FBN_N;
     vd a1 = FBN_FN(dzero)(), a2 = FBN_FN(dzero)();
     ptrdiff_t i = 0;
     while (i < len && len >= N) {
         vt p1 = FBN_FN(vzero)(), p2 = p1, q1 = p1, q2 = p1, v, w;
         int q = 0;
+        if (i + FBN_BLOCK * N <= len) { /* a whole block, unrolled (as fbn_sums1): the same sums */
+            FBN_PRAGMA(GCC unroll 8)
+            for (int u = 0; u < FBN_BLOCK; u += 2) {
+                v = FBN_KEEP(FBN_FN(vsubs)(FBN_FN(vload)(xs + i + u * N), kc), i + u * N);
+                w = FBN_KEEP(FBN_FN(vsubs)(FBN_FN(vload)(xs + i + (u + 1) * N), kc),
+                             i + (u + 1) * N);
+                p1 = FBN_FN(vadd)(p1, v);
+                p2 = FBN_FN(vmadd)(p2, v, v);
+                q1 = FBN_FN(vadd)(q1, w);
+                q2 = FBN_FN(vmadd)(q2, w, w);
+            }
+            a1 = FBN_FN(dadd)(a1, FBN_FN(widen)(FBN_FN(vadd)(p1, q1)));
+            a2 = FBN_FN(dadd)(a2, FBN_FN(widen)(FBN_FN(vadd)(p2, q2)));
+            i += FBN_BLOCK * N;
+            continue;
+        }
         for (; q + 2 <= FBN_BLOCK && i + 2 * N <= len; q += 2, i += 2 * N) {
             v = FBN_KEEP(FBN_FN(vsubs)(FBN_FN(vload)(xs + i), kc), i);
             w = FBN_KEEP(FBN_FN(vsubs)(FBN_FN(vload)(xs + i + N), kc), i + N);
@@ -1054,17 +1073,19 @@ static inline void FBN_FN(msums4)(const T *FBN_RESTRICT xs, const FBN_FN(mi) *FB
  * channel c = (c0 + s) % C (slot c when by_channel, else s); the segments of one outer index
  * share one mask row, and the next row (mstride bytes on) starts where c wraps to 0. Rows of
  * up to FBN_MEXP values are widened once (widen_mask) and one-block segments go four at a time
- * (msums4) where four remain in the row; the grouping depends only on the run's place in the
- * shape, never on the thread count.
+ * (msums4) where four remain in the row; longer segments are read with their mask bytes
+ * (x86-64-v3/v4), or summed FBN_MEXP values at a time and the chunks' sums added in double
+ * (baseline). The grouping and chunks depend only on the run's place
+ * in the shape, never on the thread count.
  * IN x, mk (the first segment's mask), k[C]; INOUT s1, s2 */
 static void FBN_FN(msums)(const T *FBN_RESTRICT x, const unsigned char *FBN_RESTRICT mk,
                           ptrdiff_t nseg, ptrdiff_t len, ptrdiff_t c0, ptrdiff_t C,
                           ptrdiff_t mstride, const T *FBN_RESTRICT k, int by_channel,
                           double *FBN_RESTRICT s1, double *FBN_RESTRICT s2)
 {
+    FBN_FN(mi) lm[FBN_MEXP];
     ptrdiff_t c = c0;
-    if (len <= FBN_MEXP && nseg > 1) {
-        FBN_FN(mi) lm[FBN_MEXP];
+    if (FBN_WIDE_ROWS(len)) {
         const int grouped = len >= FBN_N && len <= FBN_BLOCK * FBN_N;
         int fresh = 1;
         ptrdiff_t s = 0;
@@ -1098,11 +1119,23 @@ static void FBN_FN(msums)(const T *FBN_RESTRICT x, const unsigned char *FBN_REST
         }
         return;
     }
-    for (ptrdiff_t s = 0; s < nseg; s++) {
-        double t1, t2;
+    for (ptrdiff_t s = 0; s < nseg; s++) { /* long segments, FBN_MEXP values at a time */
+        double u1 = 0, u2 = 0, t1, t2;
+#if FBN_BYTE_KEEP /* or straight on the bytes */
         FBN_FN(msums1)(x + s * len, mk, NULL, len, k[c], &t1, &t2);
-        s1[by_channel ? c : s] += t1;
-        s2[by_channel ? c : s] += t2;
+        u1 = t1;
+        u2 = t2;
+#else
+        for (ptrdiff_t off = 0; off < len; off += FBN_MEXP) {
+            const ptrdiff_t cl = len - off < FBN_MEXP ? len - off : FBN_MEXP;
+            FBN_FN(widen_mask)(mk + off, cl, lm);
+            FBN_FN(msums1)(x + s * len + off, NULL, lm, cl, k[c], &t1, &t2);
+            u1 += t1;
+            u2 += t2;
+        }
+#endif
+        s1[by_channel ? c : s] += u1;
+        s2[by_channel ? c : s] += u2;
         if (++c == C) {
             c = 0;
             mk += mstride;
@@ -1170,16 +1203,15 @@ static void FBN_FN(msums_rows)(const T *FBN_RESTRICT x, const unsigned char *FBN
 /* Masked dx: dx = a*g - k*(x - mhi) + c where the position's mask byte is nonzero, a*g where it
  * is 0 (the mean and variance do not depend on a masked-out x; y there still depends on them,
  * which is what sum_dy and sum_dy_xmu, taken over every position, carry). g as in fbn_bwd_dx.
- * Segments and mask rows as in fbn_msums; a row of up to FBN_MEXP values is widened once to
- * T-wide lanes (a select on them is one compare: on the bytes it also widened them in every
- * segment, 2.3x the plain loop's time on 7x7 maps). IN dy, x, y (or NULL), mk, mhi/a/k/c[C];
- * OUT dx (may alias dy) */
+ * Segments, mask rows and chunks as in fbn_msums (a select on the widened mask is one compare;
+ * on the bytes it also widened them in every segment: 2.3x the plain loop's time on 7x7 maps).
+ * IN dy, x, y (or NULL), mk, mhi/a/k/c[C]; OUT dx (may alias dy) */
 static inline void FBN_FN(mdx1)(const T *gs, const T *FBN_RESTRICT xs, const T *FBN_RESTRICT ys,
                                 const unsigned char *FBN_RESTRICT ms,
                                 const FBN_FN(mi) *FBN_RESTRICT ml, T *ds, ptrdiff_t len, T h,
                                 T m, T q, T o)
 {
-    /* the four loops: the mask as widened lanes (ml) or bytes (ms), with or without ReLU */
+    /* the mask: ml (widened) when given, else the bytes ms (FBN_BYTE_KEEP levels only) */
     if (ml && ys) {
         FBN_SIMD
         for (ptrdiff_t i = 0; i < len; i++) {
@@ -1218,14 +1250,26 @@ static void FBN_FN(mbwd_dx)(const T *dy, const T *FBN_RESTRICT x, const T *FBN_R
                             const T *FBN_RESTRICT k, const T *FBN_RESTRICT c)
 {
     FBN_FN(mi) lm[FBN_MEXP];
-    const int widen = len <= FBN_MEXP && nseg > 1;
     int fresh = 1;
     ptrdiff_t ch = c0;
     for (ptrdiff_t s = 0; s < nseg; s++) {
-        if (widen && fresh)
-            FBN_FN(widen_mask)(mk, len, lm);
-        FBN_FN(mdx1)(dy + s * len, x + s * len, y ? y + s * len : NULL, mk, widen ? lm : NULL,
-                     dx + s * len, len, mhi[ch], a[ch], k[ch], c[ch]);
+        const ptrdiff_t o = s * len;
+        if (FBN_WIDE_ROWS(len)) {
+            if (fresh)
+                FBN_FN(widen_mask)(mk, len, lm);
+            FBN_FN(mdx1)(dy + o, x + o, y ? y + o : NULL, NULL, lm, dx + o, len, mhi[ch], a[ch],
+                         k[ch], c[ch]);
+        } else if (FBN_BYTE_KEEP) {
+            FBN_FN(mdx1)(dy + o, x + o, y ? y + o : NULL, mk, NULL, dx + o, len, mhi[ch], a[ch],
+                         k[ch], c[ch]);
+        } else {
+            for (ptrdiff_t off = 0; off < len; off += FBN_MEXP) {
+                const ptrdiff_t cl = len - off < FBN_MEXP ? len - off : FBN_MEXP;
+                FBN_FN(widen_mask)(mk + off, cl, lm);
+                FBN_FN(mdx1)(dy + o + off, x + o + off, y ? y + o + off : NULL, NULL, lm,
+                             dx + o + off, cl, mhi[ch], a[ch], k[ch], c[ch]);
+            }
+        }
         fresh = ++ch == C;
         if (fresh) {
             ch = 0;
@@ -1309,6 +1353,9 @@ static uint64_t FBN_CAT(fbn_stream_read, FBN_LEVEL)(const unsigned char *p, ptrd
 }
 #endif
 
+#undef FBN_BYTE_KEEP
+#undef FBN_WIDE_ROWS
+#undef FBN_MEXP
 #undef vt
 #undef vd
 #undef FBN_FN
