@@ -337,6 +337,17 @@ def test_kernel_entry_points_refuse_bad_arrays():
         _kernels.masked_channel_stats(x, np.ones(7, np.uint8), 2, 3, 4, out, 1)
     assert _kernels.masked_channel_stats(x, np.zeros(8, np.uint8), 2, 3, 4, out, 1) == 0
     assert not out.any()
+    y = np.full_like(x, 7.0)
+    stats = np.full(15, 3.0)
+    assert _kernels.masked_forward_train(x, y, np.zeros(8, np.uint8), 2, 3, 4, None, None, 1e-5,
+                                         False, stats, 1) == 0
+    assert not stats.any() and (y == 7).all()  # no masked-in position: y left as it is
+    assert _kernels.masked_forward_train(x, y, np.ones(8, np.uint8), 2, 3, 4, None, None, 1e-5,
+                                         False, stats, 1) == -8  # zeros: flagged (careful path)
+    assert (y == 7).all()
+    assert _kernels.masked_forward_train(x + 1, y, np.ones(8, np.uint8), 2, 3, 4, None, None,
+                                         1e-5, False, stats, 1) == 8
+    assert not y.any() and (stats[12:] == 1 / np.sqrt(1e-5)).all()
     dx = np.empty_like(x)
     with pytest.raises(TypeError, match="mask"):
         _kernels.masked_backward(x, x, None, None, dx, 2, 3, 4, np.zeros(3), np.ones(3), None,

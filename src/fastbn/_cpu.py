@@ -174,21 +174,26 @@ def _careful_masked(x3, mk, idx, mean, m2):
     m2[idx] = m2_c
 
 
-def masked_stats(x3, mk):
-    """Per-channel (mean, M2) over the positions where mk (O, I uint8 rows) is set (at least
-    one): the kernels' one-pass shifted sums, the channels they flag recomputed carefully."""
+def masked_forward_train(x3, y3, mk, weight, bias, eps, relu):
+    """y3 = x3 normalised by statistics over the positions where mk (O, I uint8 rows) is set;
+    returns (mean, var (biased), invstd). One kernel call; a channel the one-pass sums could not
+    vouch for is recomputed carefully first, and y3 then normalised by a second call."""
     O, C, I = x3.shape
-    out = np.empty(3 * C)
-    _kernels.masked_channel_stats(x3, mk, O, C, I, out, get_num_threads())
-    mean, m2 = out[:C], out[C:2 * C]
-    idx = np.flatnonzero(out[2 * C:])
-    if idx.size:
-        _careful_masked(x3, mk, idx, mean, m2)
-    return mean, m2
+    s = np.empty(5 * C)
+    n = _kernels.masked_forward_train(x3, y3, mk, O, C, I, chan(weight), chan(bias), eps, relu,
+                                      s, get_num_threads())
+    if n > 0:
+        return s[:C], s[3 * C:4 * C], s[4 * C:]
+    mean, m2 = s[:C], s[C:2 * C]
+    _careful_masked(x3, mk, np.flatnonzero(s[2 * C:3 * C]), mean, m2)
+    var = m2 / -n
+    inv = invstd(var, eps)
+    normalize(x3, y3, mean, inv, weight, bias, relu)
+    return mean, var, inv
 
 
 def masked_backward(dy3, x3, y3, mk, dx3, mean, invstd, weight):
-    """dx3 of masked statistics (mk: (O, I) uint8 rows, as masked_stats); returns (dweight,
+    """dx3 of masked statistics (mk: (O, I) uint8 rows, as masked_forward_train); returns (dweight,
     dbias) in x3's dtype: sums over every position, as the plain backward's."""
     O, C, I = x3.shape
     sums = np.empty(2 * C)

@@ -36,6 +36,9 @@ def backward(dy: _F, x: _F, y: _F | None, dx: _F, O: int, C: int, I: int, mean: 
 # the position counts), shared by all channels. Both return the mask's count of set bytes.
 def masked_channel_stats(x: _F, mask: NDArray[np.uint8], O: int, C: int, I: int, out: _D,
                          nthreads: int) -> int: ...  # out = [mean | M2 | flag], 3*C
+def masked_forward_train(x: _F, y: _F, mask: NDArray[np.uint8], O: int, C: int, I: int,
+                         weight: _F | None, bias: _F | None, eps: float, relu: bool, stats: _D,
+                         nthreads: int) -> int: ...  # < 0: a channel flagged, y not written
 def masked_backward(dy: _F, x: _F, y: _F | None, mask: NDArray[np.uint8], dx: _F, O: int,
                     C: int, I: int, mean: _D, invstd: _D, weight: _D | None, sums: _D,
                     nthreads: int) -> int: ...

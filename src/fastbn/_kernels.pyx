@@ -2131,6 +2131,63 @@ def masked_channel_stats(x, mask, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, out,
     return int(count)
 
 
+def masked_forward_train(x, y, mask, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, weight, bias,
+                         double eps, bint relu, stats, int nthreads):
+    """masked_channel_stats, then y = (x - mean) * invstd * weight + bias (then ReLU) in the same
+    call when every channel's one-pass statistics were vouched for. Returns the count, negated
+    when some channel was flagged: y is then not written, and the caller recomputes the flagged
+    channels' statistics and normalises (normalize).
+
+    IN x, mask (O*I uint8, nonzero = counts), weight, bias (or None); OUT y (may be x),
+    stats = [mean | M2 | flag | var | invstd] (5*C float64; var, invstd only when normalised).
+    No values or no masked-in position writes zero statistics and leaves y as it is (count 0).
+    """
+    cdef Py_ssize_t n = _extent(O, C, I), c
+    cdef int t = _typenum(x, "x")
+    cdef const void *xp = _data(x, t, n, "x")
+    cdef void *yp = _out(y, t, n, "y")
+    cdef const unsigned char *mp = <const unsigned char *>_data(
+        mask, cnp.NPY_UINT8, O * I if n else cnp.PyArray_SIZE(_array(mask, "mask")), "mask")
+    cdef double *o = <double *>_out(stats, cnp.NPY_FLOAT64, 5 * C, "stats")
+    cdef double count = 0, nflag = 0
+    cdef int rc = 0
+    cdef const double *wp
+    cdef const double *bp
+    cdef Ctx ctx = _ctx(t == cnp.NPY_FLOAT32, xp, yp, O, C, I)
+    cdef double *scratch = _scratch(4, C)
+    try:
+        wp = _chan(weight, C, "weight", scratch, True)
+        bp = _chan(bias, C, "bias", scratch + C, True)
+        if n > 0:
+            count = _mask_count(mp, O * I)
+        if count == 0:
+            memset(o, 0, 5 * C * sizeof(double))
+            return 0
+        ctx.mask = mp
+        nthreads = _clamp_threads(nthreads)
+        with nogil:
+            rc = _mstats(&ctx, count, o, o + C, o + 2 * C, nthreads)
+            if rc == 0:
+                for c in range(C):
+                    nflag += o[2 * C + c]
+            if rc == 0 and nflag == 0:
+                for c in range(C):
+                    o[3 * C + c] = o[C + c] / count
+                    o[4 * C + c] = _invstd(o[3 * C + c], eps)
+                    scratch[2 * C + c] = o[4 * C + c] * (wp[c] if wp != NULL else 1.0)
+                    scratch[3 * C + c] = bp[c] if bp != NULL else 0.0
+                ctx.mean = o
+                ctx.a = scratch + 2 * C
+                ctx.k = scratch + 3 * C
+                ctx.relu = relu
+                rc = _normalize(&ctx, nthreads)
+        if rc:
+            _oom()
+    finally:
+        free(scratch)
+    return -int(count) if nflag else int(count)
+
+
 def masked_backward(dy, x, y, mask, dx, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, mean,
                     invstd, weight, sums, int nthreads):
     """The training backward of masked statistics; returns the mask's count n.

@@ -436,10 +436,7 @@ def _masked_forward(x, weight, bias, axis, eps, activation, out, mask):
         return dest.finish(), be.zeros(C), be.invstd(var, eps), var, 0
     if be is _cpu:  # masked one-pass statistics, then the plain normalising pass
         x3 = layout.canon(x, be.compute_dtype(x.dtype))
-        mean, m2 = be.masked_stats(x3, mk)
-        var = m2 / n
-        invstd = be.invstd(var, eps)
-        be.normalize(x3, dest.target, mean, invstd, weight, bias, relu)
+        mean, var, invstd = be.masked_forward_train(x3, dest.target, mk, weight, bias, eps, relu)
         return dest.finish(), mean, invstd, var, n
     x3 = layout.canon(x, xp.float64)
     mean = (x3 * mk).sum(axis=(0, 2)) / n
