@@ -404,7 +404,7 @@ class FakeCupy(types.ModuleType):
     # array results moved into guarded fake-CuPy memory (so that a NumPy array leaking out of
     # the GPU path is still refused as one). Only names CuPy defines belong here.
     _NUMPY_TWINS = ("maximum", "minimum", "clip", "isfinite", "all", "ones", "zeros_like",
-                    "empty_like", "ones_like", "expand_dims", "stack")
+                    "empty_like", "ones_like", "expand_dims", "stack", "count_nonzero")
 
     def __getattr__(self, attr):
         if attr not in FakeCupy._NUMPY_TWINS:

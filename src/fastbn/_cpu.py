@@ -142,3 +142,71 @@ def update_running(running_mean, running_var, mean, var, count, momentum):
         return
     update_running_arrays(running_mean, running_var, np.asarray(mean), np.asarray(var), count,
                           momentum)
+
+
+# --------------------------------------------------------------------------- masked statistics
+
+def mask_rows(mask3):
+    """A canonical (O, 1, I) boolean mask as the kernels' (O, I) uint8 rows (a view of the bool
+    bytes, which are 0 or 1; copied only when not C-contiguous: O * I bytes, x.size / C)."""
+    O, _one, I = mask3.shape
+    return np.ascontiguousarray(mask3).reshape(O, I).view(np.uint8)
+
+
+def _careful_masked(x3, mk, idx, mean, m2):
+    """mean[idx], m2[idx] recomputed over the masked-in values of channels idx (those the
+    kernel's one-pass sums could not vouch for), in float64: scaled by a power of two bringing
+    max |x| near 1 (no overflow or underflow of squares), then two passes (centred before
+    squaring, with the residual sum folded back in). A constant channel is exact; one with NaN
+    or inf gets mean sum(x) / n and M2 NaN, as the kernels' careful path does. The result
+    depends only on the channel's values, never on the thread count."""
+    sel = np.moveaxis(x3[:, idx, :], 1, -1)[mk.view(bool)].astype(np.float64)  # (n, nf)
+    n = sel.shape[0]
+    with np.errstate(all="ignore"):
+        finite = np.isfinite(sel).all(axis=0)
+        amax = np.where(finite, np.abs(sel).max(axis=0), 1.0)
+        sc = np.ldexp(1.0, np.clip(-np.frexp(amax)[1], -1022, 1023))
+        s = sel * sc
+        mu = s.mean(axis=0)
+        d = s - mu
+        sd = d.sum(axis=0)
+        q = np.maximum((d * d).sum(axis=0) - sd * (sd / n), 0.0)
+        mean_c = (mu + sd / n) / sc
+        m2_c = q / sc / sc
+        const = finite & (sel.min(axis=0) == sel.max(axis=0))
+        mean_c[const] = sel[0, const]
+        m2_c[const] = 0.0
+        mean_c[~finite] = sel[:, ~finite].sum(axis=0) / n
+        m2_c[~finite] = np.nan
+    mean[idx] = mean_c
+    m2[idx] = m2_c
+
+
+def masked_forward_train(x3, y3, mk, weight, bias, eps, relu):
+    """y3 = x3 normalised by statistics over the positions where mk (O, I uint8 rows) is set;
+    returns (mean, var (biased), invstd). One kernel call; a channel the one-pass sums could not
+    vouch for is recomputed carefully first, and y3 then normalised by a second call."""
+    O, C, I = x3.shape
+    s = np.empty(5 * C)
+    n = _kernels.masked_forward_train(x3, y3, mk, O, C, I, chan(weight), chan(bias), eps, relu,
+                                      s, get_num_threads())
+    if n > 0:
+        return s[:C], s[3 * C:4 * C], s[4 * C:]
+    mean, m2 = s[:C], s[C:2 * C]
+    _careful_masked(x3, mk, np.flatnonzero(s[2 * C:3 * C]), mean, m2)
+    var = m2 / -n
+    inv = invstd(var, eps)
+    normalize(x3, y3, mean, inv, weight, bias, relu)
+    return mean, var, inv
+
+
+def masked_backward(dy3, x3, y3, mk, dx3, mean, invstd, weight):
+    """dx3 of masked statistics (mk: (O, I) uint8 rows, as masked_forward_train); returns (dweight,
+    dbias) in x3's dtype: sums over every position, as the plain backward's."""
+    O, C, I = x3.shape
+    sums = np.empty(2 * C)
+    inv = chan(invstd)
+    _kernels.masked_backward(dy3, x3, y3, mk, dx3, O, C, I, chan(mean), inv, chan(weight), sums,
+                             get_num_threads())
+    return ((sums[C:] * inv).astype(x3.dtype, copy=False),
+            sums[:C].astype(x3.dtype, copy=False))

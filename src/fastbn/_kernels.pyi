@@ -34,6 +34,16 @@ def backward(dy: _F, x: _F, y: _F | None, dx: _F, O: int, C: int, I: int, mean: 
              weight: _D | None, training: bool, sums: _D, nthreads: int) -> None: ...
 def affine(a_in: _F, b_in: _F, out: _F, O: int, C: int, I: int, a: _D, k: _D, m: _D, c: _D,
            nthreads: int) -> None: ...
+# Masked statistics (mask=): mask is a C-contiguous uint8 array of outer * inner bytes (nonzero =
+# the position counts), shared by all channels. Both return the mask's count of set bytes.
+def masked_channel_stats(x: _F, mask: NDArray[np.uint8], O: int, C: int, I: int, out: _D,
+                         nthreads: int) -> int: ...  # out = [mean | M2 | flag], 3*C
+def masked_forward_train(x: _F, y: _F, mask: NDArray[np.uint8], O: int, C: int, I: int,
+                         weight: _F | None, bias: _F | None, eps: float, relu: bool, stats: _D,
+                         nthreads: int) -> int: ...  # < 0: a channel flagged, y not written
+def masked_backward(dy: _F, x: _F, y: _F | None, mask: NDArray[np.uint8], dx: _F, O: int,
+                    C: int, I: int, mean: _D, invstd: _D, weight: _D | None, sums: _D,
+                    nthreads: int) -> int: ...
 def stream_copy(src: NDArray[np.uint8], dst: NDArray[np.uint8], nthreads: int) -> None: ...  # uint8 ndarrays
 def stream_read(src: NDArray[np.uint8], nthreads: int) -> int: ...
 def update_running(running_mean: NDArray[np.floating] | None,

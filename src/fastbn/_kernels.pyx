@@ -298,6 +298,7 @@ cdef struct Ctx:
     double *r1             # OUT per-channel results
     double *r2
     const Fin *fin         # one row block, statistics: what each task finishes (_stats), or NULL
+    const unsigned char *mask  # IN  masked statistics: a byte per (outer, inner) position
 
 
 ctypedef void (*task_fn)(const Ctx *ctx, Py_ssize_t t) noexcept nogil
@@ -2103,3 +2104,410 @@ def stream_read(src, int nthreads):
             if off < end:
                 total += fbn_stream_read(sp + off, (end - off) & ~(<Py_ssize_t>7))
     return total
+
+
+
+# --------------------------------------------------------------------------- masked statistics
+# Keras's/Flax's mask= (issue 18): a byte per (outer, inner) position of the canonical view,
+# nonzero = the position counts towards its channels' mean and variance; one (O, I) mask row is
+# shared by all C channels (for channels-last, I = 1: a byte per row). The statistics are the
+# plain ones' shifted sums over the masked-in values only, on the same fixed partition (so the
+# same thread-count invariance); y is then normalised everywhere by _normalize, and dx is
+# formed everywhere from sums over every position (_bwd_sums) by a masked elementwise loop. So
+# each costs the plain kernel's passes over x: none extra.
+
+cdef extern from "_simd.h" nogil:
+    void fbn_msums_float(const float *x, const unsigned char *mk, Py_ssize_t nseg,
+                         Py_ssize_t len, Py_ssize_t c0, Py_ssize_t C, Py_ssize_t mstride,
+                         const float *k, int by_channel, double *s1, double *s2)
+    void fbn_msums_double(const double *x, const unsigned char *mk, Py_ssize_t nseg,
+                          Py_ssize_t len, Py_ssize_t c0, Py_ssize_t C, Py_ssize_t mstride,
+                          const double *k, int by_channel, double *s1, double *s2)
+    void fbn_msums_rows_float(const float *x, const unsigned char *mk, Py_ssize_t nrows,
+                              Py_ssize_t stride, Py_ssize_t width, const float *k, double *a1,
+                              double *a2)
+    void fbn_msums_rows_double(const double *x, const unsigned char *mk, Py_ssize_t nrows,
+                               Py_ssize_t stride, Py_ssize_t width, const double *k,
+                               double *a1, double *a2)
+    void fbn_mbwd_dx_float(const float *dy, const float *x, const float *y,
+                           const unsigned char *mk, float *dx, Py_ssize_t nseg, Py_ssize_t len,
+                           Py_ssize_t c0, Py_ssize_t C, Py_ssize_t mstride, const float *mhi,
+                           const float *a, const float *k, const float *c)
+    void fbn_mbwd_dx_double(const double *dy, const double *x, const double *y,
+                            const unsigned char *mk, double *dx, Py_ssize_t nseg,
+                            Py_ssize_t len, Py_ssize_t c0, Py_ssize_t C, Py_ssize_t mstride,
+                            const double *mhi, const double *a, const double *k,
+                            const double *c)
+    void fbn_mbwd_dx_rows_float(const float *dy, const float *x, const float *y,
+                                const unsigned char *mk, float *dx, Py_ssize_t nrows,
+                                Py_ssize_t stride, Py_ssize_t width, const float *mhi,
+                                const float *a, const float *k, const float *c)
+    void fbn_mbwd_dx_rows_double(const double *dy, const double *x, const double *y,
+                                 const unsigned char *mk, double *dx, Py_ssize_t nrows,
+                                 Py_ssize_t stride, Py_ssize_t width, const double *mhi,
+                                 const double *a, const double *k, const double *c)
+
+
+cdef inline const unsigned char *_ncl_mask(const Ctx *ctx, Py_ssize_t off) noexcept nogil:
+    # the mask byte of the value at offset off (segment s = off // I, outer index s // C)
+    cdef Py_ssize_t I = ctx.inner, s = off // I
+    return ctx.mask + (s // ctx.channels) * I + (off - s * I)
+
+
+cdef void _ncl_mstats(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
+    # Task t of _reduction: masked sums of x - k over a run; lanes = k (C of them).
+    cdef Py_ssize_t c0, o, n
+    cdef Block blk = _reduction_run(ctx, t, &c0, &o, &n)
+    cdef const unsigned char *mk = _ncl_mask(ctx, blk.off)
+    memset(ctx.p1 + o, 0, n * sizeof(double))
+    memset(ctx.p2 + o, 0, n * sizeof(double))
+    if floating is float:
+        fbn_msums_float(x + blk.off, mk, blk.nseg, blk.len, c0, ctx.channels, ctx.inner,
+                        <const float *>ctx.lanes, ctx.by_channel, ctx.p1 + o, ctx.p2 + o)
+    else:
+        fbn_msums_double(x + blk.off, mk, blk.nseg, blk.len, c0, ctx.channels, ctx.inner,
+                         <const double *>ctx.lanes, ctx.by_channel, ctx.p1 + o, ctx.p2 + o)
+
+
+cdef void _rows_mstats(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
+    # Task t: rows [b*rb, (b+1)*rb) x channels [c0, c0 + cw) of the plain partition, walked a
+    # row at a time (a mask byte per row: a super-row would mix rows in and out); lanes = k[C].
+    cdef double a1[TILE]
+    cdef double a2[TILE]
+    cdef const Rows *p = &ctx.p
+    cdef const floating *k = <const floating *>ctx.lanes
+    cdef Py_ssize_t b = t // p.ntiles
+    cdef Py_ssize_t r0 = b * p.rb
+    cdef Py_ssize_t r1 = min(p.R, r0 + p.rb)
+    cdef Py_ssize_t c0 = (t % p.ntiles) * p.tile
+    cdef Py_ssize_t cw = min(p.tile, p.C - c0), c
+    memset(a1, 0, cw * sizeof(double))
+    memset(a2, 0, cw * sizeof(double))
+    if floating is float:
+        fbn_msums_rows_float(x + r0 * p.C + c0, ctx.mask + r0, r1 - r0, p.C, cw, k + c0, a1, a2)
+    else:
+        fbn_msums_rows_double(x + r0 * p.C + c0, ctx.mask + r0, r1 - r0, p.C, cw, k + c0, a1,
+                              a2)
+    for c in range(cw):
+        ctx.p1[b * p.C + c0 + c] = a1[c]
+        ctx.p2[b * p.C + c0 + c] = a2[c]
+
+
+cdef void _mstats_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
+    if ctx.inner > 1:
+        if ctx.f32:
+            _ncl_mstats(<const float *>ctx.x, ctx, t)
+        else:
+            _ncl_mstats(<const double *>ctx.x, ctx, t)
+    else:
+        if ctx.f32:
+            _rows_mstats(<const float *>ctx.x, ctx, t)
+        else:
+            _rows_mstats(<const double *>ctx.x, ctx, t)
+
+
+cdef void *_mpilot_shift(const Ctx *ctx) noexcept nogil:
+    """_pilot_shift over the masked-in positions: per channel the median of its values at the
+    first, the middle (the first at or after the middle) and the last masked-in position (the
+    mask has at least one). A masked-out value (padding) is never the shift."""
+    cdef Py_ssize_t c, C = ctx.channels, I = ctx.inner, M = ctx.outer * ctx.inner
+    cdef Py_ssize_t p0 = 0, p1 = M // 2, p2 = M - 1, i0, i1, i2
+    cdef size_t size = sizeof(float) if ctx.f32 else sizeof(double)
+    cdef char *k = <char *> malloc(C * size + 1)
+    cdef const float *xf = <const float *>ctx.x
+    cdef const double *xd = <const double *>ctx.x
+    if k == NULL:
+        return NULL
+    while p0 < M - 1 and not ctx.mask[p0]:
+        p0 += 1
+    while p2 > 0 and not ctx.mask[p2]:
+        p2 -= 1
+    while p1 < p2 and not ctx.mask[p1]:
+        p1 += 1
+    if not ctx.mask[p1]:
+        p1 = p2
+    for c in range(C):
+        i0 = ((p0 // I) * C + c) * I + p0 % I
+        i1 = ((p1 // I) * C + c) * I + p1 % I
+        i2 = ((p2 // I) * C + c) * I + p2 % I
+        if ctx.f32:
+            (<float *>k)[c] = _med3(xf[i0], xf[i1], xf[i2])
+        else:
+            (<double *>k)[c] = _med3(xd[i0], xd[i1], xd[i2])
+    return k
+
+
+cdef int _mstats(Ctx *ctx, double count, double *mean, double *m2, double *flag,
+                 int nthreads) noexcept nogil:
+    """Per-channel mean and M2 over the masked-in positions (count >= 1 of them), and flag[c] =
+    1 where the one-pass result fails _stats's acceptance test (the caller recomputes those
+    channels carefully), else 0. Returns -1 when out of memory."""
+    cdef Py_ssize_t c, C = ctx.channels
+    cdef double n = count, k, s1, s2, d, v
+    cdef double vmin = VMIN_F32 if ctx.f32 else VMIN_F64
+    cdef double kmin = KMIN_F32 if ctx.f32 else KMIN_F64
+    cdef bint ok
+    cdef int rc
+    cdef void *shift
+    # The masked loops read NCL segments, or channels-last rows a mask byte each: never the
+    # short-segment rows reading of the plain passes (ctx.rep = inner), whose lanes would mix
+    # positions of different mask bytes.
+    ctx.rep = 0 if ctx.inner > 1 else 1
+    shift = _mpilot_shift(ctx)
+    if shift == NULL:
+        return -1
+    ctx.lanes = shift
+    rc = _reduce(ctx, _mstats_task, mean, m2, nthreads)
+    if rc == 0:
+        for c in range(C):
+            k = (<const float *>shift)[c] if ctx.f32 else (<const double *>shift)[c]
+            s1 = mean[c]
+            s2 = m2[c]
+            d = s1 / n
+            mean[c] = k + d
+            m2[c] = s2 - s1 * d
+            if m2[c] < 0:
+                m2[c] = 0
+            v = m2[c] / n
+            ok = fabs(s1) < INFINITY and fabs(s2) < INFINITY and d * d <= SHIFT_SIGMAS2 * v
+            if ok and v < vmin:
+                ok = s2 == 0 and fabs(k) >= kmin
+            flag[c] = 0.0 if ok else 1.0
+    ctx.lanes = NULL
+    free(shift)
+    return rc
+
+
+cdef void _ncl_mdx(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
+    # Task t: a run of segments in memory order (_ncl_runs). lanes = [mhi | a | k | c], C each.
+    cdef const floating *dy = <const floating *>ctx.dy
+    cdef const floating *y = <const floating *>ctx.y
+    cdef Py_ssize_t c0, C = ctx.channels
+    cdef Block blk = _ncl_run(ctx, t, &c0)
+    cdef const unsigned char *mk = _ncl_mask(ctx, blk.off)
+    c0 = c0 % C
+    cdef const floating *L = <const floating *>ctx.lanes
+    if floating is float:
+        fbn_mbwd_dx_float(dy + blk.off, x + blk.off, y + blk.off if y != NULL else NULL, mk,
+                          <float *>ctx.out + blk.off, blk.nseg, blk.len, c0, C, ctx.inner, L,
+                          L + C, L + 2 * C, L + 3 * C)
+    else:
+        fbn_mbwd_dx_double(dy + blk.off, x + blk.off, y + blk.off if y != NULL else NULL, mk,
+                           <double *>ctx.out + blk.off, blk.nseg, blk.len, c0, C, ctx.inner, L,
+                           L + C, L + 2 * C, L + 3 * C)
+
+
+cdef void _rows_mdx(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogil:
+    # Task t: a row block x channel tile of the plain partition, a row at a time (see
+    # _rows_mstats). lanes = [mhi | a | k | c], C each.
+    cdef const floating *dy = <const floating *>ctx.dy
+    cdef const floating *y = <const floating *>ctx.y
+    cdef const Rows *p = &ctx.p
+    cdef const floating *L = <const floating *>ctx.lanes
+    cdef Py_ssize_t C = p.C
+    cdef Py_ssize_t b = t // p.ntiles
+    cdef Py_ssize_t r0 = b * p.rb
+    cdef Py_ssize_t r1 = min(p.R, r0 + p.rb)
+    cdef Py_ssize_t c0 = (t % p.ntiles) * p.tile
+    cdef Py_ssize_t cw = min(p.tile, C - c0)
+    cdef Py_ssize_t o = r0 * C + c0
+    if floating is float:
+        fbn_mbwd_dx_rows_float(dy + o, x + o, y + o if y != NULL else NULL, ctx.mask + r0,
+                               <float *>ctx.out + o, r1 - r0, C, cw, L + c0, L + C + c0,
+                               L + 2 * C + c0, L + 3 * C + c0)
+    else:
+        fbn_mbwd_dx_rows_double(dy + o, x + o, y + o if y != NULL else NULL, ctx.mask + r0,
+                                <double *>ctx.out + o, r1 - r0, C, cw, L + c0, L + C + c0,
+                                L + 2 * C + c0, L + 3 * C + c0)
+
+
+cdef void _mdx_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
+    if ctx.inner > 1:
+        if ctx.f32:
+            _ncl_mdx(<const float *>ctx.x, ctx, t)
+        else:
+            _ncl_mdx(<const double *>ctx.x, ctx, t)
+    else:
+        if ctx.f32:
+            _rows_mdx(<const float *>ctx.x, ctx, t)
+        else:
+            _rows_mdx(<const double *>ctx.x, ctx, t)
+
+
+cdef int _mbwd_dx(Ctx *ctx, int nthreads) noexcept nogil:
+    """ctx.out = a*g - k*(x - mean) + c where the mask is set, a*g elsewhere (see _bwd_dx)."""
+    cdef int nt = _nthreads(nthreads, ctx.outer * ctx.channels * ctx.inner)
+    cdef void *lanes
+    cdef Py_ssize_t ntasks
+    ctx.rep = 0 if ctx.inner > 1 else 1  # segments, or rows a mask byte each (see _mstats)
+    lanes = _make_lanes(ctx, 4, 1)
+    if lanes == NULL:
+        return -1
+    if ctx.inner > 1:
+        ntasks = _ncl_runs(ctx, CHUNK)
+    else:
+        ctx.p = _rows_partition(ctx.outer, ctx.channels, 1)
+        ntasks = ctx.p.nb * ctx.p.ntiles
+    ctx.lanes = lanes
+    _run(_mdx_task, ctx, ntasks, nt)
+    free(lanes)
+    ctx.lanes = NULL
+    return 0
+
+
+cdef double _mask_count(const unsigned char *mk, Py_ssize_t m) noexcept nogil:
+    cdef Py_ssize_t i, n = 0
+    for i in range(m):
+        n += mk[i] != 0
+    return <double>n
+
+
+def masked_channel_stats(x, mask, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, out, int nthreads):
+    """Per-channel mean and M2 over the masked-in positions; returns their count.
+
+    IN x (O*C*I values), mask (O*I uint8, nonzero = counts, shared by all channels);
+    OUT out = [mean | M2 | flag] (3*C float64): flag[c] = 1 where the one-pass sums could not
+    be vouched for (see _stats; the caller recomputes that channel carefully). No values, or no
+    masked-in position, gives zeros (and count 0).
+    """
+    cdef Py_ssize_t n = _extent(O, C, I)
+    cdef int t = _typenum(x, "x")
+    cdef const void *xp = _data(x, t, n, "x")
+    cdef const unsigned char *mp = <const unsigned char *>_data(
+        mask, cnp.NPY_UINT8, O * I if n else cnp.PyArray_SIZE(_array(mask, "mask")), "mask")
+    cdef double *o = <double *>_out(out, cnp.NPY_FLOAT64, 3 * C, "out")
+    cdef double count = 0
+    cdef int rc = 0
+    if n > 0:
+        count = _mask_count(mp, O * I)
+    if count == 0:
+        memset(o, 0, 3 * C * sizeof(double))
+        return 0
+    cdef Ctx ctx = _ctx(t == cnp.NPY_FLOAT32, xp, NULL, O, C, I)
+    ctx.mask = mp
+    nthreads = _clamp_threads(nthreads)
+    with nogil:
+        rc = _mstats(&ctx, count, o, o + C, o + 2 * C, nthreads)
+    if rc:
+        _oom()
+    return int(count)
+
+
+def masked_forward_train(x, y, mask, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, weight, bias,
+                         double eps, bint relu, stats, int nthreads):
+    """masked_channel_stats, then y = (x - mean) * invstd * weight + bias (then ReLU) in the same
+    call when every channel's one-pass statistics were vouched for. Returns the count, negated
+    when some channel was flagged: y is then not written, and the caller recomputes the flagged
+    channels' statistics and normalises (normalize).
+
+    IN x, mask (O*I uint8, nonzero = counts), weight, bias (or None); OUT y (may be x),
+    stats = [mean | M2 | flag | var | invstd] (5*C float64; var, invstd only when normalised).
+    No values or no masked-in position writes zero statistics and leaves y as it is (count 0).
+    """
+    cdef Py_ssize_t n = _extent(O, C, I), c
+    cdef int t = _typenum(x, "x")
+    cdef const void *xp = _data(x, t, n, "x")
+    cdef void *yp = _out(y, t, n, "y")
+    cdef const unsigned char *mp = <const unsigned char *>_data(
+        mask, cnp.NPY_UINT8, O * I if n else cnp.PyArray_SIZE(_array(mask, "mask")), "mask")
+    cdef double *o = <double *>_out(stats, cnp.NPY_FLOAT64, 5 * C, "stats")
+    cdef double count = 0, nflag = 0
+    cdef int rc = 0
+    cdef const double *wp
+    cdef const double *bp
+    cdef Ctx ctx = _ctx(t == cnp.NPY_FLOAT32, xp, yp, O, C, I)
+    cdef double *scratch = _scratch(4, C)
+    try:
+        wp = _chan(weight, C, "weight", scratch, True)
+        bp = _chan(bias, C, "bias", scratch + C, True)
+        if n > 0:
+            count = _mask_count(mp, O * I)
+        if count == 0:
+            memset(o, 0, 5 * C * sizeof(double))
+            return 0
+        ctx.mask = mp
+        nthreads = _clamp_threads(nthreads)
+        with nogil:
+            rc = _mstats(&ctx, count, o, o + C, o + 2 * C, nthreads)
+            if rc == 0:
+                for c in range(C):
+                    nflag += o[2 * C + c]
+            if rc == 0 and nflag == 0:
+                for c in range(C):
+                    o[3 * C + c] = o[C + c] / count
+                    o[4 * C + c] = _invstd(o[3 * C + c], eps)
+                    scratch[2 * C + c] = o[4 * C + c] * (wp[c] if wp != NULL else 1.0)
+                    scratch[3 * C + c] = bp[c] if bp != NULL else 0.0
+                ctx.mean = o
+                ctx.a = scratch + 2 * C
+                ctx.k = scratch + 3 * C
+                ctx.relu = relu
+                rc = _normalize(&ctx, nthreads)
+        if rc:
+            _oom()
+    finally:
+        free(scratch)
+    return -int(count) if nflag else int(count)
+
+
+def masked_backward(dy, x, y, mask, dx, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, mean,
+                    invstd, weight, sums, int nthreads):
+    """The training backward of masked statistics; returns the mask's count n.
+
+    dx = a*(g - m*(sum(g) + xhat*sum(g*xhat))/n), a = weight*invstd, xhat = (x - mean)*invstd,
+    the sums over every position (y depends on the statistics everywhere), m the mask.
+    IN dy, x, y (or None: g = dy, else dy where y > 0), mask (O*I uint8, nonzero = counts),
+    mean, invstd, weight (or None); OUT dx (may be dy), sums = [sum(g) | sum(g * (x - mean))]
+    (2*C float64). No masked-in position gives dx = a*g.
+    """
+    cdef Py_ssize_t n = _extent(O, C, I)
+    cdef int t = _typenum(dy, "dy")
+    cdef const void *dyp = _data(dy, t, n, "dy")
+    cdef const void *xp = _data(x, t, n, "x")
+    cdef const void *ym = _data(y, t, n, "y") if y is not None else NULL
+    cdef const unsigned char *mp = <const unsigned char *>_data(
+        mask, cnp.NPY_UINT8, O * I if n else cnp.PyArray_SIZE(_array(mask, "mask")), "mask")
+    cdef void *dxp = _out(dx, t, n, "dx")
+    cdef double *sp = <double *>_out(sums, cnp.NPY_FLOAT64, 2 * C, "sums")
+    cdef int rc = 0
+    cdef const double *mnp
+    cdef const double *ip
+    cdef const double *wp
+    cdef double count = 0, a
+    cdef Py_ssize_t c
+    cdef Ctx ctx = _ctx(t == cnp.NPY_FLOAT32, xp, dxp, O, C, I)
+    cdef double *scratch = _scratch(7, C)
+    try:
+        mnp = _chan(mean, C, "mean", scratch + 0 * C, False)
+        ip = _chan(invstd, C, "invstd", scratch + 1 * C, False)
+        wp = _chan(weight, C, "weight", scratch + 2 * C, True)
+        if n == 0:
+            memset(sp, 0, 2 * C * sizeof(double))
+            return 0
+        count = _mask_count(mp, O * I)
+        ctx.dy = dyp
+        ctx.y = ym
+        ctx.mean = mnp
+        ctx.mask = mp
+        nthreads = _clamp_threads(nthreads)
+        with nogil:
+            rc = _bwd_sums(&ctx, sp, sp + C, nthreads)
+            if rc == 0:
+                for c in range(C):  # dx = a*g - k*(x - mean) + c where the mask is set
+                    a = ip[c] * (wp[c] if wp != NULL else 1.0)
+                    scratch[3 * C + c] = a
+                    if count > 0:
+                        scratch[4 * C + c] = a * ip[c] * ip[c] * sp[C + c] / count
+                        scratch[5 * C + c] = -a * sp[c] / count
+                    else:
+                        scratch[4 * C + c] = 0
+                        scratch[5 * C + c] = 0
+                ctx.a = scratch + 3 * C
+                ctx.k = scratch + 4 * C
+                ctx.c = scratch + 5 * C
+                rc = _mbwd_dx(&ctx, nthreads)
+        if rc:
+            _oom()
+    finally:
+        free(scratch)
+    return int(count)

@@ -29,19 +29,38 @@
     void (*bwd_dx_rows_##T)(const T *, const T *, const T *, T *, ptrdiff_t, ptrdiff_t,         \
                             ptrdiff_t, const T *, const T *, const T *, const T *);
 
+/* the masked-statistics loops (issue 18), a mask byte per position or row */
+#define FBN_MOPS_T(T)                                                                            \
+    void (*msums_##T)(const T *, const unsigned char *, ptrdiff_t, ptrdiff_t, ptrdiff_t,        \
+                      ptrdiff_t, ptrdiff_t, const T *, int, double *, double *);                 \
+    void (*msums_rows_##T)(const T *, const unsigned char *, ptrdiff_t, ptrdiff_t, ptrdiff_t,   \
+                           const T *, double *, double *);                                       \
+    void (*mbwd_dx_##T)(const T *, const T *, const T *, const unsigned char *, T *, ptrdiff_t, \
+                        ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, const T *, const T *,       \
+                        const T *, const T *);                                                   \
+    void (*mbwd_dx_rows_##T)(const T *, const T *, const T *, const unsigned char *, T *,       \
+                             ptrdiff_t, ptrdiff_t, ptrdiff_t, const T *, const T *, const T *,  \
+                             const T *);
+
 typedef struct {
     const char *name;
     FBN_OPS_T(float)
     FBN_OPS_T(double)
     uint64_t (*stream_read)(const unsigned char *, ptrdiff_t);
+    FBN_MOPS_T(float)
+    FBN_MOPS_T(double)
 } fbn_ops;
 
 #define FBN_OPS_ENTRIES_T(T, L)                                                                  \
     fbn_sums_##T##_##L, fbn_sums_rows_##T##_##L, fbn_norm_##T##_##L, fbn_norm_rows_##T##_##L,   \
         fbn_bwd_sums_##T##_##L, fbn_bwd_sums_rows_##T##_##L, fbn_bwd_dx_##T##_##L,              \
         fbn_bwd_dx_rows_##T##_##L
+#define FBN_MOPS_ENTRIES_T(T, L)                                                                 \
+    fbn_msums_##T##_##L, fbn_msums_rows_##T##_##L, fbn_mbwd_dx_##T##_##L,                       \
+        fbn_mbwd_dx_rows_##T##_##L
 #define FBN_OPS_TABLE(name, L)                                                                   \
-    { name, FBN_OPS_ENTRIES_T(float, L), FBN_OPS_ENTRIES_T(double, L), fbn_stream_read_##L }
+    { name, FBN_OPS_ENTRIES_T(float, L), FBN_OPS_ENTRIES_T(double, L), fbn_stream_read_##L,     \
+      FBN_MOPS_ENTRIES_T(float, L), FBN_MOPS_ENTRIES_T(double, L) }
 
 static const fbn_ops fbn_levels[FBN_LEVELS] = {
     FBN_OPS_TABLE("baseline", base),
@@ -135,6 +154,31 @@ static int fbn_level_index(const char *name)
 FBN_WRAP_T(float)
 FBN_WRAP_T(double)
 #undef FBN_WRAP_T
+
+#define FBN_MWRAP_T(T)                                                                           \
+    static inline void fbn_msums_##T(const T *x, const unsigned char *mk, ptrdiff_t nseg,       \
+                                     ptrdiff_t len, ptrdiff_t c0, ptrdiff_t C,                  \
+                                     ptrdiff_t mstride, const T *k, int by_channel, double *s1, \
+                                     double *s2)                                                 \
+    { fbn_cur.msums_##T(x, mk, nseg, len, c0, C, mstride, k, by_channel, s1, s2); }             \
+    static inline void fbn_msums_rows_##T(const T *x, const unsigned char *mk, ptrdiff_t nrows, \
+                                          ptrdiff_t stride, ptrdiff_t width, const T *k,        \
+                                          double *a1, double *a2)                                \
+    { fbn_cur.msums_rows_##T(x, mk, nrows, stride, width, k, a1, a2); }                         \
+    static inline void fbn_mbwd_dx_##T(const T *dy, const T *x, const T *y,                     \
+                                       const unsigned char *mk, T *dx, ptrdiff_t nseg,          \
+                                       ptrdiff_t len, ptrdiff_t c0, ptrdiff_t C,                \
+                                       ptrdiff_t mstride, const T *mhi, const T *a, const T *k, \
+                                       const T *c)                                               \
+    { fbn_cur.mbwd_dx_##T(dy, x, y, mk, dx, nseg, len, c0, C, mstride, mhi, a, k, c); }         \
+    static inline void fbn_mbwd_dx_rows_##T(const T *dy, const T *x, const T *y,                \
+                                            const unsigned char *mk, T *dx, ptrdiff_t nrows,    \
+                                            ptrdiff_t stride, ptrdiff_t width, const T *mhi,    \
+                                            const T *a, const T *k, const T *c)                 \
+    { fbn_cur.mbwd_dx_rows_##T(dy, x, y, mk, dx, nrows, stride, width, mhi, a, k, c); }
+FBN_MWRAP_T(float)
+FBN_MWRAP_T(double)
+#undef FBN_MWRAP_T
 
 static inline uint64_t fbn_stream_read(const unsigned char *p, ptrdiff_t n)
 {

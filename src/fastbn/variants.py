@@ -416,14 +416,22 @@ def _batch_norm_double_backward(ddx, ddweight, ddbias, dy, x, mean, invstd, weig
 
 # --------------------------------------------------------------------------- masked statistics
 
+# The CPU backend runs the masked kernels (_kernels.masked_channel_stats, masked_backward: the
+# plain kernels' passes over x, the mask read as one byte per (outer, inner) position); other
+# backends (CuPy) compose array operations in float64 below.
+
 def _mask3(be, layout, mask, x, ax):
-    """mask (x's shape without axis ax) as a (O, 1, I) float64 array in x's canonical order."""
+    """mask (x's shape without axis ax) as a (O, 1, I) array in x's canonical order: the CPU
+    kernels' (O, I) uint8 rows (see _cpu.mask_rows), else float64; and its count of True."""
     xp = be.xp
     mask = V.mask(F._array(be, mask, "mask"), x.shape, ax)
     mk = xp.expand_dims(mask, ax)
     if layout.perm is not None:
         mk = mk.transpose(layout.perm)
-    return mask, xp.ascontiguousarray(mk, dtype=xp.float64).reshape(layout.O, 1, layout.I)
+    n = int(xp.count_nonzero(mask)) if mask.size else 0
+    if be is _cpu:
+        return _cpu.mask_rows(mk.reshape(layout.O, 1, layout.I)), n
+    return xp.ascontiguousarray(mk, dtype=xp.float64).reshape(layout.O, 1, layout.I), n
 
 
 def _masked_forward(x, weight, bias, axis, eps, activation, out, mask):
@@ -437,14 +445,17 @@ def _masked_forward(x, weight, bias, axis, eps, activation, out, mask):
     eps = V.eps(eps)
     relu = V.activation(activation)
     out = F._out(be, out, x)
-    _mask, mk = _mask3(be, layout, mask, x, ax)
+    mk, n = _mask3(be, layout, mask, x, ax)
     xp = be.xp
-    n = int(mk.sum()) if mk.size else 0
     V.mask_count(n, x.size)
     dest = Output(be, layout, x, out, (x,))
     if x.size == 0:
         var = be.zeros(C)
         return dest.finish(), be.zeros(C), be.invstd(var, eps), var, 0
+    if be is _cpu:  # masked one-pass statistics, then the plain normalising pass
+        x3 = layout.canon(x, be.compute_dtype(x.dtype))
+        mean, var, invstd = be.masked_forward_train(x3, dest.target, mk, weight, bias, eps, relu)
+        return dest.finish(), mean, invstd, var, n
     x3 = layout.canon(x, xp.float64)
     mean = (x3 * mk).sum(axis=(0, 2)) / n
     xc = x3 - mean.reshape(1, C, 1)
@@ -470,17 +481,20 @@ def _masked_backward(dy, x, mean, invstd, weight, axis, training, activation, y,
     invstd = F._required(be, invstd, "invstd", C)
     weight = F._chan(be, weight, "weight", C)
     y = F._relu_y(be, y, x, V.activation(activation))
-    _mask, mk = _mask3(be, layout, mask, x, ax)
+    mk, n = _mask3(be, layout, mask, x, ax)
     xp = be.xp
     gdt = F._grad_dtype(x.dtype)
     if not training:  # the statistics are constants: the mask plays no part
         return F.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis, training=False,
                                      activation=activation, y=y)
-    n = int(mk.sum()) if mk.size else 0
     V.mask_count(n, x.size)
     dest = Output(be, layout, x, None, ())
     if x.size == 0:
         return dest.finish(), be.zeros(C).astype(gdt), be.zeros(C).astype(gdt)
+    if be is _cpu:  # sums over every position, then the masked dx pass
+        dy3, x3, y3 = F._grad_inputs(be, layout, dy, x, y)
+        dweight, dbias = be.masked_backward(dy3, x3, y3, mk, dest.target, mean, invstd, weight)
+        return dest.finish(), dweight, dbias
     f8 = xp.float64
     g = layout.canon(dy, f8)
     if y is not None:

@@ -241,3 +241,24 @@ def test_module_compiled_once_per_device():
         fastbn.batch_norm_forward(x)
         fastbn.batch_norm_forward(x.astype(cupy.float64))
     assert len(K._modules) == 1
+
+
+@pytest.mark.parametrize("shape, axis", [((5, 6, 7, 7), 1), ((4, 9, 11, 6), -1), ((300, 7), 1)])
+def test_masked_statistics_match_cpu(shape, axis):
+    """mask= on CuPy arrays (the array-module path of fastbn.variants) against the CPU kernels."""
+    r = np.random.default_rng(21)
+    x = (3 + r.standard_normal(shape)).astype(np.float32)
+    dy = r.standard_normal(shape).astype(np.float32)
+    w = r.uniform(0.5, 2, shape[axis]).astype(np.float32)
+    mask = r.random(tuple(s for i, s in enumerate(shape) if i != axis % len(shape))) < 0.7
+    cy, cm, cs = fastbn.batch_norm_forward(x, w, axis=axis, mask=mask)
+    gy, gm, gs = fastbn.batch_norm_forward(cupy.asarray(x), cupy.asarray(w), axis=axis,
+                                           mask=cupy.asarray(mask))
+    _close(gy, cy, 3e-6, "y")
+    _close(gm, cm, 3e-6, "mean")
+    _close(gs, cs, 3e-6, "invstd")
+    cg = fastbn.batch_norm_backward(dy, x, cm, cs, w, axis=axis, mask=mask)
+    gg = fastbn.batch_norm_backward(cupy.asarray(dy), cupy.asarray(x), gm, gs, cupy.asarray(w),
+                                    axis=axis, mask=cupy.asarray(mask))
+    for g, c, name in zip(gg, cg, ("dx", "dweight", "dbias")):
+        _close(g, c, 3e-5, name)
