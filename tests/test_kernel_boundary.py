@@ -88,6 +88,13 @@ def _specs():
         "backward": [("dy", "x"), ("x", "x"), ("y", "xopt"), ("dx", "xout"), "O", "C", "I",
                      ("mean", "chan"), ("invstd", "chan"), ("weight", "chanopt"), True,
                      ("sums", "out2"), 1],
+        "masked_channel_stats": [("x", "x"), ("mask", "mask"), "O", "C", "I", ("out", "out3"), 1],
+        "masked_forward_train": [("x", "x"), ("y", "xout"), ("mask", "mask"), "O", "C", "I",
+                                 ("weight", "chanopt"), ("bias", "chanopt"), 1e-5, False,
+                                 ("stats", "out5"), 1],
+        "masked_backward": [("dy", "x"), ("x", "x"), ("y", "xopt"), ("mask", "mask"),
+                            ("dx", "xout"), "O", "C", "I", ("mean", "chan"), ("invstd", "chan"),
+                            ("weight", "chanopt"), ("sums", "out2"), 1],
         "affine": [("a_in", "x"), ("b_in", "x"), ("out", "xout"), "O", "C", "I", ("a", "chan"),
                    ("k", "chan"), ("m", "chan"), ("c", "chan"), 1],
     }
@@ -103,7 +110,23 @@ def _good(kind, dtype, o, c, i, rng):
         return (rng.random(c) + 0.5).astype(dtype)
     if kind.startswith("out"):
         return np.full(int(kind[3:]) * c, np.nan)
+    if kind == "mask":  # a byte per (outer, inner) position, at least two of them set
+        m = (rng.random(o * i) < 0.7).astype(np.uint8)
+        m[:2] = 1
+        return m
     raise AssertionError(kind)
+
+
+def _mask_variants(m):
+    """Bad masks: another dtype (bool included: the kernels take bytes), the wrong size, a
+    strided view, a list."""
+    yield "list", m.tolist(), TypeError
+    yield "bool", m.astype(bool), TypeError
+    yield "int32", m.astype(np.int32), TypeError
+    yield "float64", m.astype(np.float64), TypeError
+    yield "noncontiguous", _noncontig(m), ValueError
+    yield "too long", np.concatenate([m, m[:1]]), ValueError
+    yield "too short", m[:-1].copy(), ValueError
 
 
 def _args(spec, dtype, o, c, i, rng, extents=None):
@@ -122,7 +145,7 @@ def _args(spec, dtype, o, c, i, rng, extents=None):
 
 def _check_finite_outputs(spec, args):
     for s, a in zip(spec, args):
-        if isinstance(s, tuple) and s[1] in ("xout", "out2", "out3"):
+        if isinstance(s, tuple) and s[1] in ("xout", "out2", "out3", "out5"):
             assert np.all(np.isfinite(a)), f"{s[0]} not fully written"
 
 
@@ -157,8 +180,11 @@ def _cases_for(name, K):
                 ok = (np.float32, np.float64)
             else:
                 ok = ()
-            variants += list(_variants(base[k], output=kind in ("xout",) or
-                                       kind.startswith("out"), dtypes_ok=ok))
+            if kind == "mask":
+                variants = [("None", None, TypeError)] + list(_mask_variants(base[k]))
+            else:
+                variants += list(_variants(base[k], output=kind in ("xout",) or
+                                           kind.startswith("out"), dtypes_ok=ok))
             for vname, v, exp in variants:
                 if kind == "x" and k == 0 and vname in ("float32", "float64"):
                     continue  # the first array picks the dtype
@@ -360,6 +386,7 @@ GROUPS = {
     "stats": ["channel_stats", "forward_train"],
     "normalize": ["normalize", "normalize_running", "update_running"],
     "backward": ["backward_sums", "backward_dx", "backward", "affine"],
+    "masked": ["masked_channel_stats", "masked_forward_train", "masked_backward"],
     "fast": ["fast"],
 }
 
