@@ -110,6 +110,16 @@ static const int64_t fbn_tail64[16] = {0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1, -
 #else
 #define FBN_F16C 0
 #endif
+#if defined(__AVX2__) && FBN_F16C
+#define FBN_HAVX2 1
+#else
+#define FBN_HAVX2 0
+#endif
+#if defined(__SSE2__) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FBN_HSSE2 1
+#else
+#define FBN_HSSE2 0
+#endif
 #if defined(__AVX512F__)
 #define FBN_VB 64
 #elif defined(__AVX__)
@@ -133,6 +143,8 @@ static const int64_t fbn_tail64[16] = {0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1, -
 #undef FBN_SFX
 #include "_half_loops.h"
 #undef FBN_F16C
+#undef FBN_HAVX2
+#undef FBN_HSSE2
 #undef FBN_VB
 #undef FBN_LEVEL
 
@@ -140,6 +152,8 @@ static const int64_t fbn_tail64[16] = {0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1, -
 FBN_TARGET_PUSH("arch=x86-64-v3")
 #define FBN_LEVEL v3
 #define FBN_F16C 1
+#define FBN_HAVX2 1
+#define FBN_HSSE2 1
 #define FBN_VB 32
 #define FBN_T float
 #define FBN_TF 1
@@ -157,6 +171,8 @@ FBN_TARGET_PUSH("arch=x86-64-v3")
 #undef FBN_SFX
 #include "_half_loops.h"
 #undef FBN_F16C
+#undef FBN_HAVX2
+#undef FBN_HSSE2
 #undef FBN_VB
 #undef FBN_LEVEL
 FBN_TARGET_POP
@@ -164,6 +180,8 @@ FBN_TARGET_POP
 FBN_TARGET_PUSH("arch=x86-64-v4")
 #define FBN_LEVEL v4
 #define FBN_F16C 1
+#define FBN_HAVX2 1
+#define FBN_HSSE2 1
 #define FBN_VB 64
 #define FBN_T float
 #define FBN_TF 1
@@ -181,6 +199,8 @@ FBN_TARGET_PUSH("arch=x86-64-v4")
 #undef FBN_SFX
 #include "_half_loops.h"
 #undef FBN_F16C
+#undef FBN_HAVX2
+#undef FBN_HSSE2
 #undef FBN_VB
 #undef FBN_LEVEL
 FBN_TARGET_POP
