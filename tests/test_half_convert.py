@@ -293,20 +293,32 @@ def test_end_to_end_bitwise_as_numpy_casts(half, level, layout, monkeypatch):
         _bits_equal(np.ascontiguousarray(a), np.ascontiguousarray(b))
 
 
-def test_end_to_end_as_casting_by_hand(half):
-    """float16/bfloat16 batch norm is float32 batch norm of the same values, rounded once."""
+@pytest.mark.parametrize("shape,layout", [((3, 5, 40, 41), "nchw"), ((6, 9, 3, 5), "nchw"),
+                                          ((4, 7, 6, 5), "channels_last"), ((300, 11), "nchw")])
+def test_end_to_end_as_casting_by_hand(half, shape, layout):
+    """float16/bfloat16 batch norm is float32 batch norm of the same values, rounded once
+    (y written over the float32 copy of x, dx over that of dy: bitwise as separate arrays)."""
     dtype, _ = half
-    x, dy = _data((3, 5, 40, 41), dtype, "nchw", seed=4)
-    w = np.linspace(0.5, 1.5, 5).astype(np.float32)
-    y, mean, inv = batch_norm_forward(x, w)
-    y32, mean32, inv32 = batch_norm_forward(x.astype(np.float32), w)
-    _bits_equal(y, _astype(y32, dtype))
-    _bits_equal(mean, mean32)
-    dx, dw, db = batch_norm_backward(dy, x, mean, inv, w)
-    dx32, dw32, db32 = batch_norm_backward(dy.astype(np.float32), x.astype(np.float32), mean,
-                                           inv, w)
-    _bits_equal(dx, _astype(dx32, dtype))
-    _bits_equal(dw, dw32)
+    C = shape[1]
+    x, dy = _data(shape, dtype, layout, seed=4)
+    x32, dy32 = x.astype(np.float32), dy.astype(np.float32)
+    w = np.linspace(0.5, 1.5, C).astype(np.float32)
+    b = np.linspace(-1, 1, C).astype(np.float32)
+    for relu in (None, "relu"):
+        y, mean, inv = batch_norm_forward(x, w, b, activation=relu)
+        y32, mean32, inv32 = batch_norm_forward(x32, w, b, activation=relu)
+        _bits_equal(y, _astype(y32, dtype))
+        _bits_equal(mean, mean32)
+        _bits_equal(normalize(x, mean, inv, w, b, activation=relu),
+                    _astype(normalize(x32, mean, inv, w, b, activation=relu), dtype))
+        yy = None if relu is None else y
+        dx, dw, db = batch_norm_backward(dy, x, mean, inv, w, activation=relu, y=yy)
+        dx32, dw32, db32 = batch_norm_backward(dy32, x32, mean, inv, w, activation=relu,
+                                               y=None if yy is None else yy.astype(np.float32))
+        _bits_equal(dx, _astype(dx32, dtype))
+        _bits_equal(dw, dw32)
+        _bits_equal(db, db32)
+    assert not np.shares_memory(dx, dy) and not np.shares_memory(y, x)
 
 
 def test_out_in_another_layout_or_byte_order_takes_numpy_path(monkeypatch):

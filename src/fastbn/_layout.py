@@ -136,6 +136,17 @@ class Output:
             self._final = out
             self.target = layout.xp.empty(layout.shape3, cdt)
 
+    def source(self, x, dtype):
+        """x's canonical view in `dtype` for a kernel that may write this target over x (the
+        forward's normalize, elementwise in its last pass, as out=x; the backward's dx over
+        dy): when x had to be cast into a new array and the target is a temporary, that array
+        becomes the target too (y overwrites the float32 copy of a float16 x in place), one
+        x-sized buffer less to fill."""
+        x3 = self._layout.canon(x, dtype)
+        if self._final is not None and x3.dtype != x.dtype and x3.dtype == self.target.dtype:
+            self.target = x3
+        return x3
+
     def finish(self):
         if self._final is not None:
             lay = self._layout
