@@ -121,7 +121,8 @@ extensions = [
         include_dirs=[numpy.get_include(), "src/fastbn"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         # the loops' headers: an edit to any of them rebuilds the extension
-        depends=["src/fastbn/_simd.h", "src/fastbn/_simd_loops.h", "src/fastbn/_simd_dispatch.h"],
+        depends=["src/fastbn/_simd.h", "src/fastbn/_simd_loops.h", "src/fastbn/_simd_dispatch.h",
+                 "src/fastbn/_half_loops.h"],
     )
 ]
 

@@ -54,6 +54,28 @@ def _f64(a):
     return np.ascontiguousarray(a, dtype=_F64)
 
 
+def convert(src, dst):
+    """dst[...] = src between float16/bfloat16 and float32 (either way) with the kernels, when
+    both are C-contiguous, aligned, native-order ndarrays of the same size that do not overlap;
+    True when done, False (nothing written) for anything else, which the caller casts with
+    NumPy. Bit for bit NumPy's (ml_dtypes') astype, in a tenth of its time and on every thread
+    (see _kernels.half_to_float)."""
+    if not (type(src) is np.ndarray and type(dst) is np.ndarray and src.size == dst.size):
+        return False
+    for a in (src, dst):
+        if not (a.flags.c_contiguous and a.flags.aligned and a.dtype.isnative):
+            return False
+    if not dst.flags.writeable or np.may_share_memory(src, dst):
+        return False
+    if src.dtype == _F32 and is_half(dst.dtype):
+        _kernels.float_to_half(src, dst, dst.dtype.char != "e", get_num_threads())
+    elif dst.dtype == _F32 and is_half(src.dtype):
+        _kernels.half_to_float(src, dst, src.dtype.char != "e", get_num_threads())
+    else:
+        return False
+    return True
+
+
 def zeros(C):
     return np.zeros(C)
 

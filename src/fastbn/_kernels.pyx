@@ -52,6 +52,11 @@ cdef extern from "_simd.h" nogil:
     int fbn_set_level(int i)
     int fbn_level_index(const char *name)
     unsigned long long fbn_stream_read(const unsigned char *p, Py_ssize_t n)
+    # 2-byte float conversions (_half_loops.h): dst[i] = src[i], i < n
+    void fbn_f16_to_f32(const unsigned short *src, float *dst, Py_ssize_t n)
+    void fbn_f32_to_f16(const float *src, unsigned short *dst, Py_ssize_t n)
+    void fbn_bf16_to_f32(const unsigned short *src, float *dst, Py_ssize_t n)
+    void fbn_f32_to_bf16(const float *src, unsigned short *dst, Py_ssize_t n)
     void fbn_sums_float(const float *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t c0,
                         Py_ssize_t C, const float *k, int by_channel, double *s1, double *s2)
     void fbn_sums_double(const double *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t c0,
@@ -112,6 +117,7 @@ cdef enum:
     MERGE = 256         # channels of one merge task
     MERGE_PAR_MIN = 32768  # slots below which the merge runs on one thread
     SHORT_INNER = 15    # inner extents up to this are read as rows of channels * inner lanes
+    HALF_CHUNK = 65536  # values of one conversion task (half_to_float, float_to_half)
 
 
 # The inner extent up to which NCL arrays are read as rows (SHORT_INNER; 1 turns it off, for
@@ -2511,3 +2517,90 @@ def masked_backward(dy, x, y, mask, dx, Py_ssize_t O, Py_ssize_t C, Py_ssize_t I
     finally:
         free(scratch)
     return int(count)
+
+
+# --------------------------------------------------------------------------- 2-byte floats
+# float16 and bfloat16 are computed in float32: the CPU backend converts them with these (NumPy's
+# casts run at 1-5 ns a value on one thread, 15x the float32 kernels' time; these stream at
+# memory speed on every thread). Each value is converted on its own, so the results cannot
+# depend on the thread count; the fixed chunks only share the work. Bit for bit the results of
+# NumPy's astype (float16) and ml_dtypes' (bfloat16), NaN payloads included (_half_loops.h).
+
+cdef void *_half_side(object a, bint bf16, Py_ssize_t size, str fn, str name) except NULL:
+    """Pointer to a C-contiguous, aligned, native 2-byte array: float16 (or bfloat16 when
+    bf16) or its uint16 view, of `size` values (size < 0: any; the size is then the caller's)."""
+    cdef cnp.ndarray arr = _array(a, name)
+    cdef int t = cnp.PyArray_TYPE(arr)
+    # bfloat16 (ml_dtypes) is a user dtype, recognised by name as fastbn._validation does
+    if not (t == cnp.NPY_UINT16 or (t == cnp.NPY_FLOAT16 and not bf16)
+            or (bf16 and arr.dtype.name == "bfloat16"
+                and arr.dtype.itemsize == 2)):
+        raise TypeError(f"{fn}: {name} must be {'bfloat16' if bf16 else 'float16'} (or its "
+                        f"uint16 view), got {arr.dtype}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
+        raise ValueError(f"{fn}: {name} must be C-contiguous")
+    if cnp.PyArray_ISBYTESWAPPED(arr):
+        raise ValueError(f"{fn}: {name} must be in native byte order")
+    if not cnp.PyArray_ISALIGNED(arr):
+        raise ValueError(f"{fn}: {name} must be aligned")
+    if size >= 0 and cnp.PyArray_SIZE(arr) != size:
+        raise ValueError(f"{fn}: {name} must have {size} values, got {arr.size}")
+    return cnp.PyArray_DATA(arr)
+
+
+cdef int _convert(const void *src, void *dst, Py_ssize_t n, int op, int nthreads) except -1:
+    """dst = src converted by op (0 f16 -> f32, 1 bf16 -> f32, 2 f32 -> f16, 3 f32 -> bf16) in
+    HALF_CHUNK tasks."""
+    cdef Py_ssize_t ntasks = (n + HALF_CHUNK - 1) // HALF_CHUNK, t, off, m
+    cdef int nt = _nthreads(_clamp_threads(nthreads), n)
+    with nogil:
+        for t in prange(ntasks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+            off = t * HALF_CHUNK
+            m = min(<Py_ssize_t>HALF_CHUNK, n - off)
+            if op == 0:
+                fbn_f16_to_f32(<const unsigned short *>src + off, <float *>dst + off, m)
+            elif op == 1:
+                fbn_bf16_to_f32(<const unsigned short *>src + off, <float *>dst + off, m)
+            elif op == 2:
+                fbn_f32_to_f16(<const float *>src + off, <unsigned short *>dst + off, m)
+            else:
+                fbn_f32_to_bf16(<const float *>src + off, <unsigned short *>dst + off, m)
+    return 0
+
+
+cdef int _disjoint(object src, object dst, str fn) except -1:
+    cdef char *a = <char *>cnp.PyArray_DATA(<cnp.ndarray>src)
+    cdef char *b = <char *>cnp.PyArray_DATA(<cnp.ndarray>dst)
+    cdef Py_ssize_t na = cnp.PyArray_NBYTES(<cnp.ndarray>src)
+    cdef Py_ssize_t nb = cnp.PyArray_NBYTES(<cnp.ndarray>dst)
+    if na > 0 and nb > 0 and a < b + nb and b < a + na:
+        raise ValueError(f"{fn}: src and dst must not overlap")
+    return 0
+
+
+def half_to_float(src, dst, bint bf16, int nthreads):
+    """dst[...] = src as float32: IN src float16 (bfloat16 when bf16, or either's uint16 view);
+    OUT dst float32, the same number of values. C-contiguous, aligned, native, not
+    overlapping. Exactly NumPy's (ml_dtypes') astype, at every ISA level and thread count."""
+    cdef const void *sp = _half_side(src, bf16, -1, "half_to_float", "src")
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>src)
+    cdef void *dp = _out(dst, cnp.NPY_FLOAT32, n, "dst")
+    _disjoint(src, dst, "half_to_float")
+    if n > 0:
+        _convert(sp, dp, n, 1 if bf16 else 0, nthreads)
+
+
+def float_to_half(src, dst, bint bf16, int nthreads):
+    """dst[...] = src rounded to float16 (bfloat16 when bf16): IN src float32; OUT dst float16
+    (bfloat16, or either's uint16 view), the same number of values. C-contiguous, aligned,
+    native, not overlapping. Exactly NumPy's (ml_dtypes') astype (round to nearest even,
+    overflow to inf, their NaN rules), at every ISA level and thread count."""
+    cdef const void *sp = _data(src, cnp.NPY_FLOAT32, cnp.PyArray_SIZE(_array(src, "src")),
+                                "src")
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>src)
+    cdef void *dp = _half_side(dst, bf16, n, "float_to_half", "dst")
+    if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>dst):
+        raise ValueError("float_to_half: dst must be writable")
+    _disjoint(src, dst, "float_to_half")
+    if n > 0:
+        _convert(sp, dp, n, 3 if bf16 else 2, nthreads)

@@ -19,9 +19,9 @@ import numpy as np
 class Layout:
     """How x maps onto the kernels' canonical (outer, C, inner) C-contiguous order."""
 
-    __slots__ = ("xp", "perm", "inv", "shape", "O", "C", "I")
+    __slots__ = ("xp", "perm", "inv", "shape", "O", "C", "I", "convert")
 
-    def __init__(self, xp, x, ax):
+    def __init__(self, xp, x, ax, convert=None):
         perm = None
         shape = x.shape
         p = ax
@@ -32,6 +32,10 @@ class Layout:
                 shape = tuple(x.shape[i] for i in perm)
                 p = perm.index(ax)
         self.xp = xp
+        # convert(src, dst): the backend's cast between a 2-byte float and float32 of two
+        # C-contiguous arrays of the same size; True when done, False to leave it to xp (None:
+        # always xp). NumPy's casts of float16/bfloat16 run at a tenth of memory speed.
+        self.convert = convert
         self.perm = perm
         self.inv = None if perm is None else tuple(int(i) for i in np.argsort(perm))
         self.shape = shape
@@ -54,6 +58,11 @@ class Layout:
     def canon(self, a, dtype=None):
         """a (shaped like x) as a C-contiguous (O, C, I) array of `dtype`: a view if one exists."""
         t = self._permuted(a)
+        if dtype is not None and t.dtype != dtype and self.convert is not None \
+                and t.flags.c_contiguous:
+            r = self.xp.empty(t.shape, dtype)
+            if self.convert(t, r):
+                return r.reshape(self.shape3)
         if not t.flags.c_contiguous or (dtype is not None and t.dtype != dtype):
             t = self.xp.ascontiguousarray(t, dtype=dtype)
         return t.reshape(self.shape3)
@@ -127,7 +136,23 @@ class Output:
             self._final = out
             self.target = layout.xp.empty(layout.shape3, cdt)
 
+    def source(self, x, dtype):
+        """x's canonical view in `dtype` for a kernel that may write this target over x (the
+        forward's normalize, elementwise in its last pass, as out=x; the backward's dx over
+        dy): when x had to be cast into a new array and the target is a temporary, that array
+        becomes the target too (y overwrites the float32 copy of a float16 x in place), one
+        x-sized buffer less to fill."""
+        x3 = self._layout.canon(x, dtype)
+        if self._final is not None and x3.dtype != x.dtype and x3.dtype == self.target.dtype:
+            self.target = x3
+        return x3
+
     def finish(self):
         if self._final is not None:
-            self._layout.xp.copyto(self._final, self._layout.to_user(self.target))
+            lay = self._layout
+            if lay.convert is not None and self._final.dtype != self.target.dtype:
+                d = lay.direct(self._final)
+                if d is not None and lay.convert(self.target, d):
+                    return self.result
+            lay.xp.copyto(self._final, lay.to_user(self.target))
         return self.result

@@ -18,6 +18,10 @@
  * thus runs AVX2/AVX-512 code where the CPU has it. Results depend on the level (vector width,
  * FMA contraction), never on the thread count.
  *
+ * The conversions between float16/bfloat16 and float32 (_half_loops.h) are compiled per level
+ * the same way (F16C at x86-64-v3 and up) and sit in the same table; their results are the same
+ * at every level (NumPy's and ml_dtypes' casts, bit for bit).
+ *
  * Precision: statistics and gradient sums are taken on values shifted by a per-channel constant
  * (a sample of the channel, or the mean), so that a mean much larger than the standard deviation
  * costs no accuracy (never E[x^2] - E[x]^2). float64 input accumulates in double. float32 input
@@ -33,6 +37,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h> /* F16C, for the float16 conversions of the levels that have it */
+#endif
 
 #if defined(_MSC_VER)
 #define FBN_RESTRICT __restrict
@@ -96,6 +104,22 @@ static const int64_t fbn_tail64[16] = {0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1, -
 
 /* baseline: the build's own flags (x86-64: SSE2, 16-byte registers) */
 #define FBN_LEVEL base
+/* F16C in the baseline only where the build itself targets it (-march=native etc.) */
+#if defined(__F16C__) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FBN_F16C 1
+#else
+#define FBN_F16C 0
+#endif
+#if defined(__AVX2__) && FBN_F16C
+#define FBN_HAVX2 1
+#else
+#define FBN_HAVX2 0
+#endif
+#if defined(__SSE2__) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FBN_HSSE2 1
+#else
+#define FBN_HSSE2 0
+#endif
 #if defined(__AVX512F__)
 #define FBN_VB 64
 #elif defined(__AVX__)
@@ -117,12 +141,19 @@ static const int64_t fbn_tail64[16] = {0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1, -
 #undef FBN_T
 #undef FBN_TF
 #undef FBN_SFX
+#include "_half_loops.h"
+#undef FBN_F16C
+#undef FBN_HAVX2
+#undef FBN_HSSE2
 #undef FBN_VB
 #undef FBN_LEVEL
 
 #if FBN_LEVELS == 3
 FBN_TARGET_PUSH("arch=x86-64-v3")
 #define FBN_LEVEL v3
+#define FBN_F16C 1
+#define FBN_HAVX2 1
+#define FBN_HSSE2 1
 #define FBN_VB 32
 #define FBN_T float
 #define FBN_TF 1
@@ -138,12 +169,19 @@ FBN_TARGET_PUSH("arch=x86-64-v3")
 #undef FBN_T
 #undef FBN_TF
 #undef FBN_SFX
+#include "_half_loops.h"
+#undef FBN_F16C
+#undef FBN_HAVX2
+#undef FBN_HSSE2
 #undef FBN_VB
 #undef FBN_LEVEL
 FBN_TARGET_POP
 
 FBN_TARGET_PUSH("arch=x86-64-v4")
 #define FBN_LEVEL v4
+#define FBN_F16C 1
+#define FBN_HAVX2 1
+#define FBN_HSSE2 1
 #define FBN_VB 64
 #define FBN_T float
 #define FBN_TF 1
@@ -159,6 +197,10 @@ FBN_TARGET_PUSH("arch=x86-64-v4")
 #undef FBN_T
 #undef FBN_TF
 #undef FBN_SFX
+#include "_half_loops.h"
+#undef FBN_F16C
+#undef FBN_HAVX2
+#undef FBN_HSSE2
 #undef FBN_VB
 #undef FBN_LEVEL
 FBN_TARGET_POP

@@ -49,6 +49,11 @@ typedef struct {
     uint64_t (*stream_read)(const unsigned char *, ptrdiff_t);
     FBN_MOPS_T(float)
     FBN_MOPS_T(double)
+    /* the 2-byte float conversions (_half_loops.h) */
+    void (*f16_to_f32)(const uint16_t *, float *, ptrdiff_t);
+    void (*f32_to_f16)(const float *, uint16_t *, ptrdiff_t);
+    void (*bf16_to_f32)(const uint16_t *, float *, ptrdiff_t);
+    void (*f32_to_bf16)(const float *, uint16_t *, ptrdiff_t);
 } fbn_ops;
 
 #define FBN_OPS_ENTRIES_T(T, L)                                                                  \
@@ -60,7 +65,8 @@ typedef struct {
         fbn_mbwd_dx_rows_##T##_##L
 #define FBN_OPS_TABLE(name, L)                                                                   \
     { name, FBN_OPS_ENTRIES_T(float, L), FBN_OPS_ENTRIES_T(double, L), fbn_stream_read_##L,     \
-      FBN_MOPS_ENTRIES_T(float, L), FBN_MOPS_ENTRIES_T(double, L) }
+      FBN_MOPS_ENTRIES_T(float, L), FBN_MOPS_ENTRIES_T(double, L),                               \
+      fbn_f16_to_f32_##L, fbn_f32_to_f16_##L, fbn_bf16_to_f32_##L, fbn_f32_to_bf16_##L }
 
 static const fbn_ops fbn_levels[FBN_LEVELS] = {
     FBN_OPS_TABLE("baseline", base),
@@ -184,5 +190,15 @@ static inline uint64_t fbn_stream_read(const unsigned char *p, ptrdiff_t n)
 {
     return fbn_cur.stream_read(p, n);
 }
+
+/* dst[i] = src[i] converted, i < n (see _half_loops.h for the rounding and NaN rules) */
+static inline void fbn_f16_to_f32(const uint16_t *src, float *dst, ptrdiff_t n)
+{ fbn_cur.f16_to_f32(src, dst, n); }
+static inline void fbn_f32_to_f16(const float *src, uint16_t *dst, ptrdiff_t n)
+{ fbn_cur.f32_to_f16(src, dst, n); }
+static inline void fbn_bf16_to_f32(const uint16_t *src, float *dst, ptrdiff_t n)
+{ fbn_cur.bf16_to_f32(src, dst, n); }
+static inline void fbn_f32_to_bf16(const float *src, uint16_t *dst, ptrdiff_t n)
+{ fbn_cur.f32_to_bf16(src, dst, n); }
 
 #endif /* FASTBN_SIMD_DISPATCH_H */

@@ -78,7 +78,7 @@ def _array(be, a, name) -> Array:
 def _input(be, x, axis) -> tuple[Array, Layout]:
     """x converted and checked, with its canonical layout."""
     x = V.batch(V.floating(_array(be, x, "x"), "x"))
-    return x, Layout(be.xp, x, V.axis(axis, x.ndim, x.shape))
+    return x, Layout(be.xp, x, V.axis(axis, x.ndim, x.shape), be.convert)
 
 
 def _chan(be, a, name, C):
@@ -172,15 +172,17 @@ def normalize(x: ArrayLike, mean: ArrayLike, invstd: ArrayLike, weight: Optional
     out = _out(be, out, x)
     dest = Output(be, layout, x, out, (x,))
     if not _empty(layout):
-        be.normalize(layout.canon(x, be.compute_dtype(x.dtype)), dest.target, mean, invstd,
+        be.normalize(dest.source(x, be.compute_dtype(x.dtype)), dest.target, mean, invstd,
                      weight, bias, relu)
     return dest.finish()
 
 
-def _grad_inputs(be, layout, dy, x, y):
-    """(dy, x, y) as canonical arrays in the compute dtype (y may be None)."""
+def _grad_inputs(be, layout, dy, x, y, dest=None):
+    """(dy, x, y) as canonical arrays in the compute dtype (y may be None); with dest (dx's
+    Output), a cast copy of dy is also dx's target (the kernels' dx may be dy)."""
     cdt = be.compute_dtype(x.dtype)
-    return (layout.canon(dy, cdt), layout.canon(x, cdt),
+    return (layout.canon(dy, cdt) if dest is None else dest.source(dy, cdt),
+            layout.canon(x, cdt),
             None if y is None else layout.canon(y, cdt))
 
 
@@ -224,7 +226,7 @@ def backward_dx(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
     y = _relu_y(be, y, x, V.activation(activation))
     dest = Output(be, layout, x, None, ())
     if not _empty(layout):
-        dy3, x3, y3 = _grad_inputs(be, layout, dy, x, y)
+        dy3, x3, y3 = _grad_inputs(be, layout, dy, x, y, dest)
         be.backward_dx(dy3, x3, y3, dest.target, mean, invstd, weight, sum_dy, sum_dy_xmu,
                        count, training)
     return dest.finish()
@@ -344,7 +346,7 @@ def _forward_train(be, x, layout, weight, bias, eps, relu, out):
     if _empty(layout):
         var = be.zeros(layout.C)
         return dest.finish(), be.zeros(layout.C), be.invstd(var, eps), var
-    mean, var, invstd = be.forward_train(layout.canon(x, be.compute_dtype(x.dtype)),
+    mean, var, invstd = be.forward_train(dest.source(x, be.compute_dtype(x.dtype)),
                                          dest.target, weight, bias, eps, relu)
     return dest.finish(), mean, invstd, var
 
@@ -399,7 +401,7 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: Ar
     if _empty(layout):
         gdt = _grad_dtype(x.dtype)
         return dest.finish(), be.zeros(C).astype(gdt), be.zeros(C).astype(gdt)
-    dy3, x3, y3 = _grad_inputs(be, layout, dy, x, y)
+    dy3, x3, y3 = _grad_inputs(be, layout, dy, x, y, dest)
     dweight, dbias = be.backward(dy3, x3, y3, dest.target, mean, invstd, weight, training)
     return dest.finish(), dweight, dbias
 
@@ -471,7 +473,7 @@ def batch_norm(input: ArrayLike, running_mean: Optional[ArrayLike],
     V.both_running(running_mean, running_var)
     dest = Output(be, layout, x, out, (x,))
     if not _empty(layout):
-        be.normalize_running(layout.canon(x, be.compute_dtype(x.dtype)), dest.target,
+        be.normalize_running(dest.source(x, be.compute_dtype(x.dtype)), dest.target,
                              running_mean, running_var, eps, weight, bias, relu)
     return dest.finish()
 

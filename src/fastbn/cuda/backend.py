@@ -28,6 +28,10 @@ def __getattr__(attr):
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
+# Layout/Output cast CuPy's float16 arrays with CuPy (the CPU backend's convert is a kernel)
+convert = None
+
+
 def _cupy():
     import cupy
 
