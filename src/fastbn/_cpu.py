@@ -11,6 +11,7 @@ optional); ``chan`` makes them what the kernels read. Statistics and sums come b
 import numpy as np
 
 from . import _kernels
+from ._scratch import empty as scratch  # noqa: F401 (a backend verb: Layout's temporaries)
 from ._layout import update_running_arrays
 from ._threads import get_num_threads
 from ._validation import is_half

@@ -19,9 +19,9 @@ import numpy as np
 class Layout:
     """How x maps onto the kernels' canonical (outer, C, inner) C-contiguous order."""
 
-    __slots__ = ("xp", "perm", "inv", "shape", "O", "C", "I", "convert")
+    __slots__ = ("xp", "perm", "inv", "shape", "O", "C", "I", "convert", "scratch")
 
-    def __init__(self, xp, x, ax, convert=None):
+    def __init__(self, xp, x, ax, convert=None, scratch=None):
         perm = None
         shape = x.shape
         p = ax
@@ -36,6 +36,9 @@ class Layout:
         # C-contiguous arrays of the same size; True when done, False to leave it to xp (None:
         # always xp). NumPy's casts of float16/bfloat16 run at a tenth of memory speed.
         self.convert = convert
+        # scratch(shape, dtype): the backend's np.empty for temporaries that die with the call
+        # (the CPU's reused buffers, _scratch); None: xp.empty.
+        self.scratch = scratch
         self.perm = perm
         self.inv = None if perm is None else tuple(int(i) for i in np.argsort(perm))
         self.shape = shape
@@ -60,12 +63,16 @@ class Layout:
         t = self._permuted(a)
         if dtype is not None and t.dtype != dtype and self.convert is not None \
                 and t.flags.c_contiguous:
-            r = self.xp.empty(t.shape, dtype)
+            r = self.temp(t.shape, dtype)
             if self.convert(t, r):
                 return r.reshape(self.shape3)
         if not t.flags.c_contiguous or (dtype is not None and t.dtype != dtype):
             t = self.xp.ascontiguousarray(t, dtype=dtype)
         return t.reshape(self.shape3)
+
+    def temp(self, shape, dtype):
+        """An uninitialised array for a temporary of one call (never handed to the caller)."""
+        return (self.scratch or self.xp.empty)(shape, dtype)
 
     def direct(self, a):
         """a's canonical (O, C, I) view if it exists without a copy, else None."""
@@ -116,7 +123,7 @@ class Output:
             self.result, self.target = layout.empty(x.dtype)
             if cdt != x.dtype:
                 self._final = self.result
-                self.target = layout.xp.empty(layout.shape3, cdt)
+                self.target = layout.temp(layout.shape3, cdt)
             return
         self.result = out
         direct = None
@@ -134,7 +141,7 @@ class Output:
             self.target = direct
         else:
             self._final = out
-            self.target = layout.xp.empty(layout.shape3, cdt)
+            self.target = layout.temp(layout.shape3, cdt)
 
     def source(self, x, dtype):
         """x's canonical view in `dtype` for a kernel that may write this target over x (the

@@ -78,7 +78,7 @@ def _array(be, a, name) -> Array:
 def _input(be, x, axis) -> tuple[Array, Layout]:
     """x converted and checked, with its canonical layout."""
     x = V.batch(V.floating(_array(be, x, "x"), "x"))
-    return x, Layout(be.xp, x, V.axis(axis, x.ndim, x.shape), be.convert)
+    return x, Layout(be.xp, x, V.axis(axis, x.ndim, x.shape), be.convert, be.scratch)
 
 
 def _chan(be, a, name, C):

@@ -30,6 +30,7 @@ def __getattr__(attr):
 
 # Layout/Output cast CuPy's float16 arrays with CuPy (the CPU backend's convert is a kernel)
 convert = None
+scratch = None  # CuPy's memory pool already reuses device memory
 
 
 def _cupy():
