@@ -32,6 +32,10 @@ SHAPES = [
     ((2, 4096), np.float64),
     ((3, 5003), np.float32),
     ((70, 2100), np.float32),
+    ((6, 301, 49), np.float32),   # 7x7 maps: the statistics read rows, the other passes segments
+    ((5, 97, 56), np.float32),
+    ((7, 150, 24), np.float64),
+    ((4, 80, 28), np.float64),
 ]
 IDS = [f"{s}-{np.dtype(d).name}" for s, d in SHAPES]
 

@@ -10,9 +10,11 @@ no argument can crash the process. The kernels release the GIL.
 Two layouts, chosen by the caller's view:
   inner > 1  "NCL": each channel is `outer` contiguous runs of `inner` values.
   inner == 1 "NLC" (channels-last, and 2-D (N, C)): rows of C values, one lane per channel.
-  inner <= SHORT_INNER is read as rows too: rows of C * inner values, `inner` lanes per channel
+  Short segments are read as rows too: rows of C * inner values, `inner` lanes per channel
   (segments of a few values, 7 for axis=(1, 2) on (16, 512, 7, 7), cost a scalar tail each and
-  ran at a tenth of the speed of 7x7 maps; as rows they are vector lanes).
+  ran at a tenth of the speed of 7x7 maps; as rows they are vector lanes). The statistics do so
+  up to SHORT_BYTES-byte segments (7x7 float32 maps included), the other passes below 64 bytes
+  (see _rep).
 
 Determinism: every reduction is cut into blocks whose boundaries depend only on the shape (never
 on the thread count), each block is reduced by one thread into its own slots, and the slots are
@@ -116,7 +118,8 @@ cdef enum:
     PAR_MIN = 32768     # below this many values a parallel region costs more than it saves
     MERGE = 256         # channels of one merge task
     MERGE_PAR_MIN = 32768  # slots below which the merge runs on one thread
-    SHORT_INNER = 15    # inner extents up to this are read as rows of channels * inner lanes
+    SHORT_INNER = 56    # inner extents up to this are read as rows of channels * inner lanes
+    SHORT_BYTES = 224   # ... by the statistics, when a segment is at most this many bytes
     HALF_CHUNK = 65536  # values of one conversion task (half_to_float, float_to_half)
 
 
@@ -124,7 +127,10 @@ cdef enum:
 # tests and measurements that compare the two ways, see _set_short_inner). Measured on the
 # Zen 5 (x86-64-v4, 1 thread, (16, 3584, I)): as rows, statistics are 7-30x faster for I = 2..15,
 # normalize 1.1-3x, backward 1.5-4x; at I = 16 (one AVX-512 register of float) the segments
-# are faster (normalize 1.2x, backward 1.4x).
+# are faster for normalize (1.2x) and backward (1.4x), but not for the statistics: as rows they
+# take 0.6-0.7x the segments' time up to 160-byte segments (float32 I = 16..40, float64 up to
+# 24) and 0.7-0.95x at 7x7 maps (I = 49: ResNet's last stage, every level, 1 and 2 threads);
+# from 256 bytes on the segments win (float32 I = 64: rows 1.24x). Hence SHORT_BYTES.
 cdef Py_ssize_t _short_inner = SHORT_INNER
 
 
@@ -1391,11 +1397,13 @@ cdef inline double _invstd(double var, double eps) noexcept nogil:
 
 cdef inline Py_ssize_t _rep(Py_ssize_t I, bint f32, bint stats) noexcept nogil:
     # Ctx.rep for a pass over an (O, C, I) array: statistics read segments of up to
-    # _short_inner values as rows, the other passes those shorter than a 64-byte register
+    # _short_inner values and SHORT_BYTES bytes as rows, the other passes those shorter than a
+    # 64-byte register
     # (float64 segments of 8-15 values: elementwise and backward 1.1-1.8x faster as segments).
     if I == 1:
         return 1
-    if I <= _short_inner and (stats or I * (4 if f32 else 8) < 64):
+    cdef Py_ssize_t nbytes = I * (4 if f32 else 8)
+    if I <= _short_inner and ((stats and nbytes <= SHORT_BYTES) or nbytes < 64):
         return I
     return 0
 
