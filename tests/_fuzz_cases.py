@@ -831,7 +831,8 @@ def expected_functional(target, before, args, pb):
         outs = [("dx", getter, dx, tol, scale, dict(dtype=True))]
         if target == "batch_norm_backward":
             with np.errstate(all="ignore"):
-                dw = sdx * inv
+                # zero for an empty batch whatever invstd holds (documented, as PyTorch)
+                dw = sdx * inv if n else np.zeros_like(sdx)
             outs += [("dweight", lambda r: r[1], dw, stol, 1 + n * gs * xm * im, {}),
                      ("dbias", lambda r: r[2], sdy, stol, 1 + n * gs, {})]
         return [outs]

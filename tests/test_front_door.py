@@ -305,3 +305,24 @@ def test_a_thread_without_a_forward_has_nothing_to_differentiate():
     t.start()
     t.join()
     assert len(errors) == 1 and "no forward to differentiate" in str(errors[0])
+
+
+@pytest.mark.parametrize("shape, axis", [((4, 3, 5), 1), ((6, 3), 1), ((2, 5, 3), -1),
+                                         ((16, 3, 7), 1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_inference_backward_keeps_nan_out_where_it_does_not_belong(shape, axis, dtype):
+    """Inference dx = weight * invstd * g, g = dy masked by y > 0: a NaN in dy where the ReLU
+    masks it, or anywhere in x, must not reach dx (it did, as 0 * NaN, on the rows layout)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    C = shape[axis]
+    mean, invstd, w = np.zeros(C), np.full(C, 2.0), np.full(C, 0.5)
+    y = fastbn.batch_norm_forward(x, axis=axis, activation="relu")[0]
+    dy[y <= 0] = np.nan
+    x_nan = x.copy()
+    x_nan[(0,) * x.ndim] = np.nan
+    dx, _dw, _db = fastbn.batch_norm_backward(dy, x_nan, mean, invstd, w, axis=axis,
+                                              training=False, activation="relu", y=y)
+    expect = np.where(y > 0, dy, 0) * 1.0
+    assert np.array_equal(dx, expect.astype(dtype))

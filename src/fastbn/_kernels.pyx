@@ -1212,11 +1212,13 @@ cdef void _ncl_dx(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nogi
     c0 = c0 % C  # the first segment's channel
     cdef const floating *L = <const floating *>ctx.lanes
     if floating is float:
-        fbn_bwd_dx_float(dy + blk.off, x + blk.off, y + blk.off if y != NULL else NULL,
+        fbn_bwd_dx_float(dy + blk.off, x + blk.off if x != NULL else NULL,
+                         y + blk.off if y != NULL else NULL,
                          <float *>ctx.out + blk.off, blk.nseg, blk.len, c0, C, L, L + C,
                          L + 2 * C, L + 3 * C)
     else:
-        fbn_bwd_dx_double(dy + blk.off, x + blk.off, y + blk.off if y != NULL else NULL,
+        fbn_bwd_dx_double(dy + blk.off, x + blk.off if x != NULL else NULL,
+                          y + blk.off if y != NULL else NULL,
                           <double *>ctx.out + blk.off, blk.nseg, blk.len, c0, C, L, L + C,
                           L + 2 * C, L + 3 * C)
 
@@ -1238,16 +1240,20 @@ cdef void _rows_dx(const floating *x, const Ctx *ctx, Py_ssize_t t) noexcept nog
     cdef Py_ssize_t rl = r0 + nsr * p.m
     cdef Py_ssize_t o = r0 * C + j, ol = rl * C
     if floating is float:
-        fbn_bwd_dx_rows_float(dy + o, x + o, y + o if y != NULL else NULL, dx + o, nsr, w, jw,
+        fbn_bwd_dx_rows_float(dy + o, x + o if x != NULL else NULL,
+                              y + o if y != NULL else NULL, dx + o, nsr, w, jw,
                               L + j, L + w + j, L + 2 * w + j, L + 3 * w + j)
         if rl < r1:
-            fbn_bwd_dx_rows_float(dy + ol, x + ol, y + ol if y != NULL else NULL, dx + ol,
+            fbn_bwd_dx_rows_float(dy + ol, x + ol if x != NULL else NULL,
+                                  y + ol if y != NULL else NULL, dx + ol,
                                   r1 - rl, C, C, L, L + w, L + 2 * w, L + 3 * w)
     else:
-        fbn_bwd_dx_rows_double(dy + o, x + o, y + o if y != NULL else NULL, dx + o, nsr, w, jw,
+        fbn_bwd_dx_rows_double(dy + o, x + o if x != NULL else NULL,
+                               y + o if y != NULL else NULL, dx + o, nsr, w, jw,
                                L + j, L + w + j, L + 2 * w + j, L + 3 * w + j)
         if rl < r1:
-            fbn_bwd_dx_rows_double(dy + ol, x + ol, y + ol if y != NULL else NULL, dx + ol,
+            fbn_bwd_dx_rows_double(dy + ol, x + ol if x != NULL else NULL,
+                                   y + ol if y != NULL else NULL, dx + ol,
                                    r1 - rl, C, C, L, L + w, L + 2 * w, L + 3 * w)
 
 
@@ -1490,9 +1496,10 @@ cdef int _dx_given(Ctx *ctx, const double *mean, const double *invstd, const dou
     memset(buf + 3 * C, 0, C * sizeof(double))
     ctx.mean = mean
     if not training:
-        # dx = a*g does not depend on x or the mean: read dy in x's place, about a zero mean,
-        # so that a NaN/inf in x or mean (already in the forward's output) stays out of dx.
-        ctx.x = ctx.dy
+        # dx = a*g does not depend on x or the mean: no x (the loops then leave the x term
+        # out), about a zero mean, so that a NaN/inf in x or mean (already in the forward's
+        # output), or in dy where the ReLU masks it, stays out of dx.
+        ctx.x = NULL
         ctx.mean = buf + 3 * C
     ctx.a = buf
     ctx.k = buf + C

@@ -834,7 +834,7 @@ static void FBN_FN(bwd_sums_rows)(const T *FBN_RESTRICT dy, const T *FBN_RESTRIC
 /* dx = a*g - k*(x - mhi) + c with g as in fbn_bwd_sums, over a contiguous run of nseg segments
  * as in fbn_norm (parameters per channel; c absorbs k * (mean - mhi) as b does there); k = c = 0
  * is the inference backward.
- * IN dy, x, y (or NULL), mhi/a/k/c[C]; OUT dx (may alias dy) */
+ * IN dy, x (NULL: no x term), y (or NULL), mhi/a/k/c[C]; OUT dx (may alias dy) */
 static void FBN_FN(bwd_dx)(const T *dy, const T *FBN_RESTRICT x, const T *FBN_RESTRICT y,
                            T *dx, ptrdiff_t nseg, ptrdiff_t len, ptrdiff_t c0, ptrdiff_t C,
                            const T *FBN_RESTRICT mhi, const T *FBN_RESTRICT a,
@@ -842,10 +842,25 @@ static void FBN_FN(bwd_dx)(const T *dy, const T *FBN_RESTRICT x, const T *FBN_RE
 {
     ptrdiff_t ch = c0;
     for (ptrdiff_t s = 0; s < nseg; s++) {
-        const T *gs = dy + s * len, *xs = x + s * len;
+        const T *gs = dy + s * len, *xs = x ? x + s * len : NULL;
         T *ds = dx + s * len;
         const T h = mhi[ch], m = a[ch], q = k[ch], o = c[ch];
-        if (y) {
+        if (!xs) {
+            /* x NULL: no x term (inference, dx = a*g): nothing multiplies 0 by a NaN of x, or
+             * of dy where the ReLU masks it. */
+            if (y) {
+                const T *ys = y + s * len;
+                FBN_SIMD
+                for (ptrdiff_t i = 0; i < len; i++) {
+                    T d = gs[i], g = ys[i] > 0 ? d : (T)0;
+                    ds[i] = m * g + o;
+                }
+            } else {
+                FBN_SIMD
+                for (ptrdiff_t i = 0; i < len; i++)
+                    ds[i] = m * gs[i] + o;
+            }
+        } else if (y) {
             const T *ys = y + s * len;
             FBN_SIMD
             for (ptrdiff_t i = 0; i < len; i++) {
@@ -863,16 +878,27 @@ static void FBN_FN(bwd_dx)(const T *dy, const T *FBN_RESTRICT x, const T *FBN_RE
 }
 
 /* Rows of a channels-last block (see fbn_bwd_dx), per-lane parameters.
- * IN dy, x, y (or NULL), mhi/a/k/c[width]; OUT dx (may alias dy) */
+ * IN dy, x (NULL: no x term), y (or NULL), mhi/a/k/c[width]; OUT dx (may alias dy) */
 static void FBN_FN(bwd_dx_rows)(const T *dy, const T *FBN_RESTRICT x, const T *FBN_RESTRICT y,
                                 T *dx, ptrdiff_t nrows, ptrdiff_t stride, ptrdiff_t width,
                                 const T *FBN_RESTRICT mhi, const T *FBN_RESTRICT a,
                                 const T *FBN_RESTRICT k, const T *FBN_RESTRICT c)
 {
     for (ptrdiff_t r = 0; r < nrows; r++) {
-        const T *dyr = dy + r * stride, *xr = x + r * stride;
+        const T *dyr = dy + r * stride, *xr = x ? x + r * stride : NULL;
         T *dxr = dx + r * stride;
-        if (y) {
+        if (!xr && y) { /* x NULL: no x term, as in fbn_bwd_dx */
+            const T *yr = y + r * stride;
+            FBN_SIMD
+            for (ptrdiff_t j = 0; j < width; j++) {
+                T d = dyr[j], g = yr[j] > 0 ? d : (T)0;
+                dxr[j] = a[j] * g + c[j];
+            }
+        } else if (!xr) {
+            FBN_SIMD
+            for (ptrdiff_t j = 0; j < width; j++)
+                dxr[j] = a[j] * dyr[j] + c[j];
+        } else if (y) {
             const T *yr = y + r * stride;
             FBN_SIMD
             for (ptrdiff_t j = 0; j < width; j++) {
