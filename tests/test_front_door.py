@@ -312,7 +312,7 @@ def test_a_thread_without_a_forward_has_nothing_to_differentiate():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_inference_backward_keeps_nan_out_where_it_does_not_belong(shape, axis, dtype):
     """Inference dx = weight * invstd * g, g = dy masked by y > 0: a NaN in dy where the ReLU
-    masks it, or anywhere in x, must not reach dx (it did, as 0 * NaN, on the rows layout)."""
+    masks it, or anywhere in x, must not reach dx (it did, as 0 * NaN, in every layout)."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)

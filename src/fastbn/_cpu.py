@@ -141,6 +141,7 @@ def affine(a3, b3, out3, a, k, m, c):
     _kernels.affine(a3, b3, out3, O, C, I, chan(a), chan(k), chan(m), chan(c),
                     get_num_threads())
 
+
 def backward(dy3, x3, y3, dx3, mean, invstd, weight, training):
     """dx3 of this batch; returns (dweight, dbias) in x3's dtype."""
     O, C, I = x3.shape

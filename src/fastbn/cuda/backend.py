@@ -263,6 +263,7 @@ def affine(a3, b3, out3, a, k, m, c):
     res = col(a) * a3 - col(k) * (b3 - col(m)) + col(c)
     out3[...] = res
 
+
 def backward(dy3, x3, y3, dx3, mean, invstd, weight, training):
     cp = _cupy()
     O, _C, I = x3.shape
