@@ -283,7 +283,8 @@ def batch_norm_forward(x: ArrayLike, weight: Optional[ArrayLike] = None,
     out : optional output array (x's shape and dtype; ``out=x`` works in place)
     mask : optional boolean array shaped like x without its feature axis (Keras's and Flax's
         ``mask``): only True positions count towards the mean and variance; y is computed
-        everywhere. Computed in float64 NumPy, not by the kernels (docs/guide/variants.md).
+        everywhere. On the CPU the kernels compute it in one pass as the plain statistics;
+        CuPy input goes through float64 array operations (docs/guide/variants.md).
 
     Returns
     -------
