@@ -33,6 +33,26 @@ def rel_err(actual, expected, scale=None):
 TOL = {np.float64: 1e-12, np.float32: 2e-6, np.float16: 2e-3}
 
 
+def _cpu_levels():
+    try:
+        from fastbn import _kernels
+    except ImportError:  # reported by the tests themselves, as in pytest_report_header
+        return ["baseline"]
+    return list(_kernels.cpu_levels())
+
+
+@pytest.fixture(params=_cpu_levels())
+def level(request):
+    """Each ISA level this CPU runs, made the kernels' level for the test (restored after)."""
+    from fastbn import _kernels
+
+    prev = _kernels.set_cpu_level(request.param)
+    try:
+        yield request.param
+    finally:
+        _kernels.set_cpu_level(prev)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)

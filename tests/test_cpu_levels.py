@@ -23,15 +23,6 @@ CASES = [((6, 24, 7, 7), 1), ((3, 5, 61, 67), 1), ((4, 9, 3), 1), ((2, 300, 5), 
          ((8, 3000), 1)]
 
 
-@pytest.fixture(params=LEVELS)
-def level(request):
-    prev = _kernels.set_cpu_level(request.param)
-    try:
-        yield request.param
-    finally:
-        _kernels.set_cpu_level(prev)
-
-
 def _tol(dtype):
     return (2e-5, 2e-5) if dtype == np.float32 else (1e-11, 1e-11)
 

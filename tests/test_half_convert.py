@@ -26,7 +26,6 @@ except ImportError:  # pragma: no cover - the test extra installs it
     ml_dtypes = BF16 = None
 
 F16 = np.dtype(np.float16)
-LEVELS = _kernels.cpu_levels()
 NO_BF16 = "ml_dtypes not installed (pip install ml_dtypes): NumPy has no bfloat16 without it"
 
 
@@ -38,15 +37,6 @@ def half(request):
             pytest.skip(NO_BF16)
         return BF16, True
     return F16, False
-
-
-@pytest.fixture(params=LEVELS)
-def level(request):
-    prev = _kernels.set_cpu_level(request.param)
-    try:
-        yield request.param
-    finally:
-        _kernels.set_cpu_level(prev)
 
 
 def _astype(a, dtype):

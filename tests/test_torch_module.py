@@ -48,17 +48,23 @@ def _close(a, b, dtype=torch.float32, what=""):
 
 # --------------------------------------------------------------------------- gradients
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
-@pytest.mark.parametrize("path", ["function", "op"])
-def test_gradcheck(path, training, affine):
-    g = torch.Generator().manual_seed(0)
+def _gradcheck_case(seed, affine):
+    """(x, weight, bias, running_mean, running_var), float64, x (3, 4, 5) requiring grad."""
+    g = torch.Generator().manual_seed(seed)
     d = torch.float64
     x = torch.randn(3, 4, 5, generator=g, dtype=d, requires_grad=True)
     w = torch.randn(4, generator=g, dtype=d, requires_grad=True) if affine else None
     b = torch.randn(4, generator=g, dtype=d, requires_grad=True) if affine else None
     rm = torch.randn(4, generator=g, dtype=d)
     rv = torch.rand(4, generator=g, dtype=d) + 0.5
+    return x, w, b, rm, rv
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("path", ["function", "op"])
+def test_gradcheck(path, training, affine):
+    x, w, b, rm, rv = _gradcheck_case(0, affine)
     fn = ft.BatchNormFunction.apply if path == "function" else ft.batch_norm
     args = (x, rm, rv, w, b, training, 0.1, 1e-5)
     assert torch.autograd.gradcheck(fn, args)
@@ -503,13 +509,7 @@ def test_state_dict_prefixed_keys():
 @pytest.mark.parametrize("path", ["function", "op"])
 def test_double_backward_gradgradcheck(path, training, affine):
     """torch's own finite-difference check of the second derivatives (float64)."""
-    g = torch.Generator().manual_seed(1)
-    d = torch.float64
-    x = torch.randn(3, 4, 5, generator=g, dtype=d, requires_grad=True)
-    w = torch.randn(4, generator=g, dtype=d, requires_grad=True) if affine else None
-    b = torch.randn(4, generator=g, dtype=d, requires_grad=True) if affine else None
-    rm = torch.randn(4, generator=g, dtype=d)
-    rv = torch.rand(4, generator=g, dtype=d) + 0.5
+    x, w, b, rm, rv = _gradcheck_case(1, affine)
 
     def f(x, *wb):
         w, b = wb if wb else (None, None)

@@ -115,17 +115,6 @@ def test_bad_masks_named_and_nothing_written(mask, exc, match):
 
 from fastbn import _cpu, _kernels  # noqa: E402
 
-LEVELS = _kernels.cpu_levels()
-
-
-@pytest.fixture(params=LEVELS)
-def level(request):
-    prev = _kernels.set_cpu_level(request.param)
-    try:
-        yield request.param
-    finally:
-        _kernels.set_cpu_level(prev)
-
 
 def ref_nd(x, mask, w, b, dy, eps, axis, relu=False):
     """float64 reference for any layout: statistics over x[mask] per channel (the feature axis
