@@ -1270,26 +1270,34 @@ cdef void _dx_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
             _rows_dx(<const double *>ctx.x, ctx, t)
 
 
-cdef int _bwd_dx(Ctx *ctx, int nthreads) noexcept nogil:
-    """ctx.out = a*g - k*(x - mean) + c per channel, g = dy (masked by y > 0 if y)."""
+cdef int _dx_pass(Ctx *ctx, task_fn task, Py_ssize_t rep, bint super_rows,
+                  int nthreads) noexcept nogil:
+    """Run a dx pass (task) over ctx's array read with ctx.rep = rep: NCL runs (rep 0) or the
+    rows partition, with [mhi | a | k | c] lanes replicated over a super-row (super_rows) or
+    C of each (a task walking one row at a time). Returns -1 when out of memory."""
     cdef int nt = _nthreads(nthreads, ctx.outer * ctx.channels * ctx.inner)
     cdef void *lanes
     cdef Py_ssize_t ntasks
-    ctx.rep = _rep(ctx.inner, ctx.f32, False)
-    if ctx.rep == 0:
+    ctx.rep = rep
+    if rep == 0:
         lanes = _make_lanes(ctx, 4, 1)
         ntasks = _ncl_runs(ctx, CHUNK)
     else:
-        ctx.p = _rows_partition(ctx.outer, ctx.channels, ctx.rep)
-        lanes = _make_lanes(ctx, 4, ctx.p.m)
+        ctx.p = _rows_partition(ctx.outer, ctx.channels, rep)
+        lanes = _make_lanes(ctx, 4, ctx.p.m if super_rows else 1)
         ntasks = ctx.p.nb * ctx.p.ntiles
     if lanes == NULL:
         return -1
     ctx.lanes = lanes
-    _run(_dx_task, ctx, ntasks, nt)
+    _run(task, ctx, ntasks, nt)
     free(lanes)
     ctx.lanes = NULL
     return 0
+
+
+cdef int _bwd_dx(Ctx *ctx, int nthreads) noexcept nogil:
+    """ctx.out = a*g - k*(x - mean) + c per channel, g = dy (masked by y > 0 if y)."""
+    return _dx_pass(ctx, _dx_task, _rep(ctx.inner, ctx.f32, False), True, nthreads)
 
 
 # --------------------------------------------------------------------------- Python entry points
@@ -2357,23 +2365,8 @@ cdef void _mdx_task(const Ctx *ctx, Py_ssize_t t) noexcept nogil:
 
 cdef int _mbwd_dx(Ctx *ctx, int nthreads) noexcept nogil:
     """ctx.out = a*g - k*(x - mean) + c where the mask is set, a*g elsewhere (see _bwd_dx)."""
-    cdef int nt = _nthreads(nthreads, ctx.outer * ctx.channels * ctx.inner)
-    cdef void *lanes
-    cdef Py_ssize_t ntasks
-    ctx.rep = 0 if ctx.inner > 1 else 1  # segments, or rows a mask byte each (see _mstats)
-    lanes = _make_lanes(ctx, 4, 1)
-    if lanes == NULL:
-        return -1
-    if ctx.inner > 1:
-        ntasks = _ncl_runs(ctx, CHUNK)
-    else:
-        ctx.p = _rows_partition(ctx.outer, ctx.channels, 1)
-        ntasks = ctx.p.nb * ctx.p.ntiles
-    ctx.lanes = lanes
-    _run(_mdx_task, ctx, ntasks, nt)
-    free(lanes)
-    ctx.lanes = NULL
-    return 0
+    # segments, or rows walked one at a time, a mask byte each (see _mstats)
+    return _dx_pass(ctx, _mdx_task, 0 if ctx.inner > 1 else 1, False, nthreads)
 
 
 cdef double _mask_count(const unsigned char *mk, Py_ssize_t m) noexcept nogil:
